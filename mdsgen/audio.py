@@ -1,0 +1,153 @@
+"""Audio front-end on the paper's path: 16 kHz mono, 8.192 s clips, mel 128 x 512 scaled to [0, 1].
+
+STFT: n_fft 1024, hop 256, Hann, centered; Slaney mel filters 125-7600 Hz (librosa);
+scaling clip((20 log10(max(M, 1e-5)) - 20 + 100) / 100, 0, 1). The way back is the pseudo-inverse of
+the mel filters followed by Griffin-Lim with momentum (Diff-Foley: 32 iterations, momentum 0.99),
+batched in torch (see `griffin_lim`; a librosa path is kept for the speed comparison).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import av
+import librosa
+import numpy as np
+import torch
+
+from .errors import MediaError
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    sample_rate: int = 16000
+    clip_samples: int = 131072  # 8.192 s
+    n_fft: int = 1024
+    hop_length: int = 256
+    n_mels: int = 128
+    fmin: float = 125.0
+    fmax: float = 7600.0
+    griffin_lim_iters: int = 32
+    griffin_lim_momentum: float = 0.99
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.clip_samples / self.sample_rate
+
+    @property
+    def mel_frames(self) -> int:
+        return self.clip_samples // self.hop_length
+
+
+def load_audio(path, sample_rate: int = 16000) -> np.ndarray:
+    """Decode the first audio stream of any file PyAV reads (audio or video) to mono float32."""
+    try:
+        container = av.open(str(path))
+    except Exception as err:
+        raise MediaError(path, f"cannot be opened as media ({_first_line(err)})") from err
+    with container:
+        if not container.streams.audio:
+            raise MediaError(path, "has no audio stream")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        chunks = []
+        try:
+            for frame in container.decode(audio=0):
+                chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+        except av.error.FFmpegError as err:
+            raise MediaError(path, f"audio cannot be decoded ({_first_line(err)})") from err
+    if not chunks:
+        raise MediaError(path, "audio stream holds no samples")
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def fit_length(wave: np.ndarray | torch.Tensor, length: int):
+    """Cut or zero-pad the last axis to `length` samples."""
+    n = wave.shape[-1]
+    if n >= length:
+        return wave[..., :length]
+    pad = [(0, 0)] * (wave.ndim - 1) + [(0, length - n)]
+    if isinstance(wave, torch.Tensor):
+        return torch.nn.functional.pad(wave, (0, length - n))
+    return np.pad(wave, pad)
+
+
+@lru_cache(maxsize=4)
+def _mel_basis(cfg: AudioConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    basis = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels,
+                                fmin=cfg.fmin, fmax=cfg.fmax)  # Slaney scale and norm
+    basis = torch.from_numpy(basis).float()
+    return basis, torch.linalg.pinv(basis)
+
+
+def scale_mel(magnitude: torch.Tensor) -> torch.Tensor:
+    db = 20.0 * torch.log10(magnitude.clamp_min(1e-5))
+    return ((db - 20.0 + 100.0) / 100.0).clamp(0.0, 1.0)
+
+
+def unscale_mel(mel: torch.Tensor) -> torch.Tensor:
+    db = mel.clamp(0.0, 1.0) * 100.0 - 100.0 + 20.0
+    return torch.pow(10.0, db / 20.0)
+
+
+def _stft(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    window = torch.hann_window(cfg.n_fft, device=wave.device)
+    return torch.stft(wave, cfg.n_fft, cfg.hop_length, window=window, center=True,
+                      pad_mode="constant", return_complex=True)
+
+
+def wave_to_mel(wave: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
+    """[..., samples] waveform -> [..., n_mels, samples // hop] scaled mel (the paper's 128 x 512)."""
+    wave = torch.as_tensor(wave, dtype=torch.float32)
+    frames = wave.shape[-1] // cfg.hop_length
+    spec = _stft(wave.reshape(-1, wave.shape[-1]), cfg).abs()[..., :frames]
+    basis, _ = _mel_basis(cfg)
+    mel = scale_mel(torch.matmul(basis.to(spec.device), spec))
+    return mel.reshape(*wave.shape[:-1], cfg.n_mels, frames)
+
+
+def mel_to_linear(mel: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """Scaled mel -> non-negative linear magnitude through the filters' pseudo-inverse."""
+    _, inverse = _mel_basis(cfg)
+    return torch.matmul(inverse.to(mel.device), unscale_mel(mel)).clamp_min(0.0)
+
+
+def griffin_lim(mel: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig(),
+                iters: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Scaled mel [..., n_mels, frames] -> waveform [..., frames * hop], batched fast Griffin-Lim."""
+    mel = torch.as_tensor(mel, dtype=torch.float32)
+    lead = mel.shape[:-2]
+    magnitude = mel_to_linear(mel.reshape(-1, *mel.shape[-2:]), cfg)
+    frames = magnitude.shape[-1]
+    length = frames * cfg.hop_length
+    magnitude = torch.nn.functional.pad(magnitude, (0, 1))  # the centered STFT has frames + 1 columns
+    window = torch.hann_window(cfg.n_fft, device=mel.device)
+    generator = torch.Generator().manual_seed(seed)
+    phase = torch.rand(magnitude.shape, generator=generator) * 2 * torch.pi
+    angles = torch.polar(torch.ones_like(magnitude), phase.to(mel.device))
+    previous = torch.zeros_like(angles)
+    alpha = cfg.griffin_lim_momentum
+    for _ in range(cfg.griffin_lim_iters if iters is None else iters):
+        wave = torch.istft(magnitude * angles, cfg.n_fft, cfg.hop_length, window=window,
+                           center=True, length=length)
+        rebuilt = _stft(wave, cfg)
+        angles = rebuilt - (alpha / (1 + alpha)) * previous  # Perraudin et al.'s fast Griffin-Lim
+        angles = angles / angles.abs().clamp_min(1e-16)
+        previous = rebuilt
+    wave = torch.istft(magnitude * angles, cfg.n_fft, cfg.hop_length, window=window,
+                       center=True, length=length)
+    return wave.reshape(*lead, length)
+
+
+def griffin_lim_librosa(mel: np.ndarray, cfg: AudioConfig = AudioConfig(), seed: int = 0) -> np.ndarray:
+    """The same inversion through librosa, one clip at a time (kept to compare speed and quality)."""
+    magnitude = mel_to_linear(torch.as_tensor(mel, dtype=torch.float32), cfg).numpy()
+    length = magnitude.shape[-1] * cfg.hop_length
+    magnitude = np.pad(magnitude, [(0, 0)] * (magnitude.ndim - 1) + [(0, 1)])
+    return librosa.griffinlim(magnitude, n_iter=cfg.griffin_lim_iters, hop_length=cfg.hop_length,
+                              n_fft=cfg.n_fft, momentum=cfg.griffin_lim_momentum, length=length,
+                              pad_mode="constant", random_state=seed)

@@ -1,0 +1,92 @@
+"""Checkpoints: a folder (local or an S3 prefix) that rebuilds a generator without running code.
+
+    config.json          model, frame encoder, audio, video and sampling settings
+    model.safetensors    denoiser weights
+    vae/                 the mel VAE as a diffusers folder (safetensors) + mdsgen.json
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import storage
+from .audio import AudioConfig
+from .diffusion import SamplingConfig
+from .errors import CheckpointError
+from .model import MDSGen, MDSGenConfig
+from .vae import MelVAE, load_vae
+from .video import VideoConfig
+
+FORMAT = "mdsgen-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model: MDSGen
+    vae: MelVAE
+    frame_encoder: dict
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def config(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "model": self.model.config.to_dict(),
+                "frame_encoder": self.frame_encoder, "audio": asdict(self.audio),
+                "video": asdict(self.video), "sampling": asdict(self.sampling)}
+
+
+def save_checkpoint(ckpt: Checkpoint, uri: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "config.json").write_text(json.dumps(ckpt.config(), indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
+        save_file(state, str(Path(tmp, "model.safetensors")))
+        ckpt.vae.save(str(Path(tmp, "vae")))
+        storage.upload_dir(tmp, uri)
+
+
+def load_checkpoint(uri: str, device: str = "cpu") -> Checkpoint:
+    try:
+        folder = storage.local_dir(uri)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{uri}: no checkpoint there ({err})") from err
+    for part in ("config.json", "model.safetensors", "vae"):
+        if not (folder / part).exists():
+            raise CheckpointError(f"{uri}: not an mdsgen checkpoint (missing {part})")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        raise CheckpointError(f"{uri}: format {config.get('format')!r} version {config.get('version')!r}, "
+                              f"expected {FORMAT!r} version {VERSION}")
+    model = MDSGen(MDSGenConfig(**config["model"]))
+    try:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except RuntimeError as err:
+        raise CheckpointError(f"{uri}: weights do not match its config ({str(err).splitlines()[0]})") from err
+    return Checkpoint(model=model.to(device).eval(), vae=load_vae(str(folder / "vae")).to(device),
+                      frame_encoder=config["frame_encoder"], audio=AudioConfig(**config["audio"]),
+                      video=VideoConfig(**config["video"]), sampling=SamplingConfig(**config["sampling"]))
+
+
+def init_checkpoint(params, seed: int = 0) -> Checkpoint:
+    """A generator with freshly initialised (untrained) denoiser weights, built from `params`
+    (a config.Params): the configured frame encoder, and the VAE from `vae.path` or a new `vae.config`."""
+    from .encoders import build_frame_encoder
+    from .model import config_for
+
+    model_args = dict(params.model)
+    size = model_args.pop("size")
+    encoder = build_frame_encoder(params.frame_encoder)
+    torch.manual_seed(seed)
+    model = MDSGen(config_for(size, feature_dim=encoder.feature_dim, **model_args))
+    vae_args = dict(params.vae)
+    if vae_args.get("path"):
+        vae = load_vae(vae_args["path"], vae_args.get("decode_channel"))
+    else:
+        vae = MelVAE.from_config(vae_args.get("config", "small"), vae_args.get("decode_channel", 1))
+    return Checkpoint(model=model.eval(), vae=vae.eval(), frame_encoder=encoder.spec(), audio=params.audio,
+                      video=params.video, sampling=params.sampling)

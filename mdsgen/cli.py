@@ -1,0 +1,103 @@
+"""The `mdsgen` command: a thin shell over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import CheckpointError, MediaError
+
+
+def cmd_generate(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .diffusion import SamplingConfig
+    from .generate import generate_files
+
+    try:
+        ckpt = load_checkpoint(args.checkpoint, args.device)
+        base = ckpt.sampling
+        sampling = SamplingConfig(steps=args.steps or base.steps,
+                                  cfg_scale=base.cfg_scale if args.cfg is None else args.cfg,
+                                  cfg_power=base.cfg_power, solver_order=base.solver_order)
+        results = generate_files(args.input, args.output, ckpt, sampling, seed=args.seed, device=args.device,
+                                 batch_size=args.batch_size, mux=not args.no_mux)
+    except (CheckpointError, MediaError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    done = [r for r in results if not r.error]
+    for r in done:
+        print(f"{r.input} -> {r.wav}" + (f", {r.video}" if r.video else "") + f" ({r.seconds:.1f} s)")
+    print(f"{len(done)} of {len(results)} videos done", file=sys.stderr)
+    return 0 if len(done) == len(results) else 1
+
+
+def cmd_models(args) -> int:
+    from .model import MDSGen, PAPER_PARAMS, SIZES, config_for
+
+    rows = []
+    for size, shape in SIZES.items():
+        counts = MDSGen(config_for(size, feature_dim=args.feature_dim)).parameter_counts()
+        rows.append({"size": size, **shape, "feature_dim": args.feature_dim,
+                     "params_inference": counts["inference"], "params_training": counts["training"],
+                     "paper_params": int(PAPER_PARAMS[size]),
+                     "ratio_to_paper": round(counts["inference"] / PAPER_PARAMS[size], 4)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'size':4} {'depth':>5} {'width':>5} {'heads':>5} {'inference':>12} {'training':>12} {'paper':>8}")
+        for r in rows:
+            print(f"{r['size']:4} {r['depth']:>5} {r['hidden_size']:>5} {r['num_heads']:>5} "
+                  f"{r['params_inference'] / 1e6:>11.2f}M {r['params_training'] / 1e6:>11.2f}M "
+                  f"{r['paper_params'] / 1e6:>7.0f}M")
+    return 0
+
+
+def cmd_init_checkpoint(args) -> int:
+    from .checkpoint import init_checkpoint, save_checkpoint
+    from .config import load_params
+
+    params = load_params(args.params)
+    if args.size:
+        params.model["size"] = args.size
+    save_checkpoint(init_checkpoint(params, seed=args.seed), args.output)
+    print(f"untrained checkpoint ({params.model['size']}) written to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdsgen", description="Video-to-audio generation with MDSGen")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="give videos a generated soundtrack (WAV + muxed video)")
+    p.add_argument("input", help="a video file, a folder of videos, or a CSV listing them")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or s3:// prefix")
+    p.add_argument("--steps", type=int, help="DPM-Solver++ steps (default: the checkpoint's, 25)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=8, help="windows sampled together")
+    p.add_argument("--no-mux", action="store_true", help="write only the WAV")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list the model sizes with their parameter counts")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--feature-dim", type=int, default=512, help="frame feature width (CAVP 512, as the paper)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("init-checkpoint", help="write an untrained checkpoint from params.yaml")
+    p.add_argument("output", help="folder or s3:// prefix")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--size", choices=["T", "S", "B", "L"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_checkpoint)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

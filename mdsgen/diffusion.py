@@ -1,0 +1,108 @@
+"""Diffusion: the paper's 1000-step linear schedule, MDSGen's two-pass training loss, and sampling
+with DPM-Solver++ (diffusers) under the power-cosine dynamic classifier-free guidance."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler
+
+from .model import MDSGen
+
+TRAIN_STEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 25
+    cfg_scale: float = 5.0
+    cfg_power: float = 0.01
+    solver_order: int = 2
+
+    def __post_init__(self):
+        if not 1 <= self.steps <= TRAIN_STEPS:
+            raise ValueError(f"steps {self.steps}: must be between 1 and {TRAIN_STEPS}")
+        if not (math.isfinite(self.cfg_scale) and 0.0 <= self.cfg_scale <= 50.0):
+            raise ValueError(f"cfg_scale {self.cfg_scale}: must be between 0 and 50")
+        if not (math.isfinite(self.cfg_power) and self.cfg_power > 0):
+            raise ValueError(f"cfg_power {self.cfg_power}: must be positive")
+
+
+def alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(BETA_START, BETA_END, TRAIN_STEPS, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def add_noise(x0, noise, t, cumprod):
+    a = cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def training_loss(model: MDSGen, x0: torch.Tensor, features: torch.Tensor, *, cfg_dropout: float = 0.1,
+                  masked_weight: float = 1.0, generator: torch.Generator | None = None) -> dict:
+    """Epsilon-prediction MSE: L_full + lambda * L_masked with the same t and fresh noise per pass.
+
+    The masked pass is skipped when the model's strategy is "none" (plain DiT). With probability
+    `cfg_dropout` a sample's features are zeroed, which teaches the unconditional branch of CFG.
+    """
+    b, device = x0.shape[0], x0.device
+    cumprod = alphas_cumprod()
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=device)
+
+    def randn(shape):
+        return torch.randn(shape, generator=generator, device=device)
+
+    t = (rand(b) * TRAIN_STEPS).long().clamp_max(TRAIN_STEPS - 1)
+    keep = (rand(b) >= cfg_dropout).to(features.dtype).view(b, 1, 1)
+    features = features * keep
+    noise = randn(x0.shape)
+    loss_full = F.mse_loss(model(add_noise(x0, noise, t, cumprod), t, features), noise)
+    out = {"loss_full": loss_full}
+    loss = loss_full
+    if model.config.mask_strategy != "none" and masked_weight > 0:
+        noise = randn(x0.shape)
+        visible = model.sample_mask(b, device, generator)
+        loss_masked = F.mse_loss(model(add_noise(x0, noise, t, cumprod), t, features, visible), noise)
+        out["loss_masked"] = loss_masked
+        loss = loss + masked_weight * loss_masked
+    out["loss"] = loss
+    return out
+
+
+def guidance_scale(t: torch.Tensor | float, scale: float, power: float) -> float:
+    """w(t) = (s - 1) * 0.5 * (1 - cos(pi * (1 - t/T)^p)) + 1: strong early, relaxing at the end."""
+    progress = (1.0 - float(t) / TRAIN_STEPS) ** power
+    return (scale - 1.0) * 0.5 * (1.0 - math.cos(math.pi * progress)) + 1.0
+
+
+def make_scheduler(cfg: SamplingConfig) -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END,
+        beta_schedule="linear", solver_order=cfg.solver_order, prediction_type="epsilon",
+        algorithm_type="dpmsolver++")
+
+
+@torch.no_grad()
+def sample(model: MDSGen, features: torch.Tensor, cfg: SamplingConfig = SamplingConfig(),
+           noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents [B, C, H, W] for frame features [B, T, F]; deterministic given the initial noise."""
+    c = model.config
+    shape = (features.shape[0], c.in_channels, *c.input_size)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device="cpu")
+    x = noise.to(features.device, features.dtype)
+    scheduler = make_scheduler(cfg)
+    scheduler.set_timesteps(cfg.steps, device=features.device)
+    for t in scheduler.timesteps:
+        ts = t.expand(x.shape[0]).to(features.device)
+        if cfg.cfg_scale == 1.0:
+            eps = model(x, ts, features)
+        else:
+            eps = model.forward_with_cfg(x, ts, features, guidance_scale(t, cfg.cfg_scale, cfg.cfg_power))
+        x = scheduler.step(eps, t, x).prev_sample
+    return x

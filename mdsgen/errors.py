@@ -1,0 +1,14 @@
+"""Errors that name the file and the reason, for the CLI to print instead of a traceback."""
+
+
+class MediaError(ValueError):
+    """A media file cannot be used: no such stream, no frames, or undecodable."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing parts or does not match the code that loads it."""

@@ -1,0 +1,172 @@
+"""Video in, soundtrack out: decode -> frame features -> MDSGen sampling -> VAE -> Griffin-Lim ->
+windows joined with an equal-power crossfade -> WAV and the video muxed with it."""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+from . import storage
+from .audio import griffin_lim
+from .checkpoint import Checkpoint, load_checkpoint
+from .diffusion import SamplingConfig, sample
+from .encoders import build_frame_encoder
+from .errors import MediaError
+from .video import VideoWindows, frames_to_tensor, mux_audio, muxed_suffix, read_video_windows
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp"}
+
+
+@dataclass
+class Soundtrack:
+    wave: np.ndarray      # float32 mono, as long as the video
+    sample_rate: int
+    windows: int
+    timings: dict = field(default_factory=dict)  # seconds per stage
+
+
+class VideoToAudio:
+    """A loaded generator. Build once, call `soundtrack` per video."""
+
+    def __init__(self, checkpoint: Checkpoint | str, device: str = "cpu", batch_size: int = 8):
+        self.ckpt = load_checkpoint(checkpoint, device) if isinstance(checkpoint, str) else checkpoint
+        self.device = device
+        self.batch_size = batch_size
+        self.encoder = build_frame_encoder(self.ckpt.frame_encoder).to(device)
+        if self.encoder.feature_dim != self.ckpt.model.config.feature_dim:
+            raise ValueError(f"frame encoder {self.encoder.name} gives {self.encoder.feature_dim}-d features, "
+                             f"the denoiser expects {self.ckpt.model.config.feature_dim}")
+
+    def read(self, path) -> VideoWindows:
+        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds)
+
+    @torch.inference_mode()
+    def features(self, windows: VideoWindows) -> torch.Tensor:
+        """Frame features [windows, 32, F]: each 4 fps frame is encoded once, however many windows share it."""
+        feats = self.encoder(frames_to_tensor(windows.grid).to(self.device)[None])[0]
+        return torch.stack([feats[s] for s in windows.slices()])
+
+    @torch.inference_mode()
+    def latents(self, features: torch.Tensor, sampling: SamplingConfig, seed: int) -> torch.Tensor:
+        """Sample every window; the noise depends only on the seed and window index, not the batching."""
+        shape = (features.shape[0], self.ckpt.model.config.in_channels, *self.ckpt.model.config.input_size)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        return torch.cat([sample(self.ckpt.model, f, sampling, noise=n)
+                          for f, n in zip(features.split(self.batch_size), noise.split(self.batch_size))])
+
+    @torch.inference_mode()
+    def waves(self, latents: torch.Tensor) -> torch.Tensor:
+        mels = torch.cat([self.ckpt.vae.decode(z) for z in latents.split(self.batch_size)])
+        return griffin_lim(mels.float().cpu(), self.ckpt.audio)
+
+    def join(self, waves: torch.Tensor, duration: float) -> np.ndarray:
+        """Overlap-add consecutive windows with an equal-power crossfade, cut to the video's length."""
+        a, v = self.ckpt.audio, self.ckpt.video
+        hop = round(v.hop_seconds * a.sample_rate)
+        overlap = a.clip_samples - hop
+        out = np.zeros(hop * (len(waves) - 1) + a.clip_samples, dtype=np.float32)
+        ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap).astype(np.float32)
+        for i, wave in enumerate(waves.numpy()):
+            wave = wave.copy()
+            if i > 0:
+                wave[:overlap] *= ramp
+            if i < len(waves) - 1:
+                wave[-overlap:] *= ramp[::-1]
+            out[i * hop:i * hop + a.clip_samples] += wave
+        return out[:round(duration * a.sample_rate)]
+
+    def soundtrack(self, path, sampling: SamplingConfig | None = None, seed: int = 0) -> Soundtrack:
+        sampling = sampling or self.ckpt.sampling
+        timings, clock = {}, time.perf_counter()
+
+        def lap(name):
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = now - clock
+            clock = now
+
+        windows = self.read(path); lap("decode")
+        feats = self.features(windows); lap("frame_features")
+        latents = self.latents(feats, sampling, seed); lap("denoise")
+        waves = self.waves(latents); lap("vae_and_vocoder")
+        wave = self.join(waves, windows.duration)
+        return Soundtrack(wave, self.ckpt.audio.sample_rate, windows.count, timings)
+
+
+def write_wav(path, wave: np.ndarray, sample_rate: int) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(wave, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def list_inputs(source) -> list[Path]:
+    """A video file, a folder of videos, or a CSV whose `path`/`video` column (or first) lists them."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{source}: no video files in this folder")
+        return files
+    if source.suffix.lower() == ".csv":
+        with open(source, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            raise ValueError(f"{source}: empty CSV")
+        header = [h.strip().lower() for h in rows[0]]
+        column = next((header.index(c) for c in ("path", "video", "file") if c in header), None)
+        body = rows[1:] if column is not None else rows
+        return [(source.parent / row[column or 0].strip()) for row in body if row and row[column or 0].strip()]
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    return [source]
+
+
+@dataclass
+class Result:
+    input: Path
+    wav: Path | None = None
+    video: Path | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def generate_files(source, outdir, checkpoint: str, sampling: SamplingConfig | None = None,
+                   seed: int = 0, device: str = "cpu", batch_size: int = 8, mux: bool = True) -> list[Result]:
+    """Generate for every input; a bad input is reported and skipped, the rest still run."""
+    inputs = list_inputs(source)
+    generator = VideoToAudio(checkpoint, device=device, batch_size=batch_size)
+    sampling = sampling or generator.ckpt.sampling
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in tqdm(inputs, desc="generate", unit="video", disable=len(inputs) < 2):
+        result, start = Result(path), time.perf_counter()
+        try:
+            track = generator.soundtrack(path, sampling, seed)
+            result.wav = outdir / f"{path.stem}.wav"
+            write_wav(result.wav, track.wave, track.sample_rate)
+            if mux:
+                result.video = mux_audio(path, track.wave, track.sample_rate,
+                                         outdir / f"{path.stem}{muxed_suffix(path)}")
+        except MediaError as err:
+            result.error = str(err)
+        except Exception as err:  # one broken file must not stop a batch; say what broke
+            result.error = f"{path}: {type(err).__name__}: {err}"
+        result.seconds = time.perf_counter() - start
+        if result.error:
+            print(f"error: {result.error}", file=sys.stderr)
+        results.append(result)
+    return results
+
+
+def with_overrides(sampling: SamplingConfig, **values) -> SamplingConfig:
+    return replace(sampling, **{k: v for k, v in values.items() if v is not None})

@@ -1,0 +1,309 @@
+"""MDSGen: a masked diffusion transformer that turns video features into audio latents.
+
+Pham et al., "MDSGen: Fast and Efficient Masked Diffusion Temporal-Aware Transformers for Open-Domain
+Sound Generation", ICLR 2025. Built from DiT (Peebles & Xie) adaLN-Zero blocks and MDT's masked
+encoder / side-interpolator / decoder layout (Gao et al.), with two MDSGen pieces:
+
+- the Reducer condenses the per-frame video features [B, 32, F] into one vector that joins the timestep
+  embedding in every block's adaLN;
+- temporal-aware masking (TAM) hides whole time columns of the token grid during training; random token
+  masking (SAM, as MDT) and no masking (plain DiT) are the ablations.
+
+The latent grid is [C, H, W]; `time_axis` says which of H ("height", the AudioLDM layout) or W ("width",
+the Stable Diffusion layout: 4 x 16 x 64, freq x time) is time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MDSGenConfig:
+    input_size: tuple[int, int] = (16, 64)   # latent H x W
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 192
+    depth: int = 12                          # encoder + decoder blocks
+    num_heads: int = 3
+    decoder_depth: int = 4
+    mlp_ratio: float = 4.0
+    feature_dim: int = 1280                  # frame feature width (512 for CAVP)
+    num_frames: int = 32
+    time_axis: str = "width"                 # "width" (SD layout) or "height" (AudioLDM layout)
+    mask_strategy: str = "tam"               # "tam", "sam" or "none"
+    mask_ratio: float = 0.3
+    rel_pos_bias: bool = True                # BEiT-style bias in every attention (the authors' code)
+
+    def __post_init__(self):
+        self.input_size = tuple(self.input_size)
+        if self.time_axis not in ("width", "height"):
+            raise ValueError(f"time_axis {self.time_axis!r}: use 'width' or 'height'")
+        if self.mask_strategy not in ("tam", "sam", "none"):
+            raise ValueError(f"mask_strategy {self.mask_strategy!r}: use 'tam', 'sam' or 'none'")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio {self.mask_ratio}: must be in [0, 1)")
+        if any(s % self.patch_size for s in self.input_size):
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch {self.patch_size}")
+        if not 0 < self.decoder_depth < self.depth:
+            raise ValueError(f"decoder_depth {self.decoder_depth} must be between 1 and depth - 1")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal timestep features -> MLP (as DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class VideoConditioner(nn.Module):
+    """Frame features [B, T, F] -> one vector [B, D]: project, then the Reducer over the frame axis."""
+
+    def __init__(self, feature_dim: int, num_frames: int, hidden_size: int):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(feature_dim, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size))
+        self.reducer = nn.Conv1d(num_frames, 1, kernel_size=1)  # a learned weighting of the frames
+        self.out = nn.Sequential(nn.GELU(), nn.LayerNorm(hidden_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.reducer(self.project(features)).squeeze(1))
+
+
+class RelativePositionBias(nn.Module):
+    """A learned bias per head for every 2-D offset between tokens (BEiT)."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int):
+        super().__init__()
+        h, w = grid
+        self.table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1), num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [N, N, 2]
+        index = (rel[..., 0] + h - 1) * (2 * w - 1) + (rel[..., 1] + w - 1)
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Bias [1 or B, heads, N, N] for all tokens, or for the tokens `ids` [B, n] of each sample."""
+        if ids is None:
+            return self.table[self.index].permute(2, 0, 1).unsqueeze(0)
+        index = self.index[ids[:, :, None], ids[:, None, :]]  # [B, n, n]
+        return self.table[index].permute(0, 3, 1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, grid, rel_pos_bias: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.rel_pos = RelativePositionBias(grid, num_heads) if rel_pos_bias else None
+
+    def forward(self, x, c, ids=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        bias = None if self.rel_pos is None else self.rel_pos(ids)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), bias)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
+    """2-D sine-cosine position table [H*W, dim] (MAE / DiT)."""
+    h, w = grid
+    gy, gx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_axis(dim // 2, gy), one_axis(dim // 2, gx)], axis=1)
+
+
+class MDSGen(nn.Module):
+    def __init__(self, config: MDSGenConfig):
+        super().__init__()
+        self.config = cfg = config
+        dim, grid = cfg.hidden_size, cfg.grid
+        self.num_tokens = grid[0] * grid[1]
+        self.x_embedder = nn.Conv2d(cfg.in_channels, dim, cfg.patch_size, cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.video_embedder = VideoConditioner(cfg.feature_dim, cfg.num_frames, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+
+        def block():
+            return DiTBlock(dim, cfg.num_heads, cfg.mlp_ratio, grid, cfg.rel_pos_bias)
+
+        self.en_blocks = nn.ModuleList(block() for _ in range(cfg.depth - cfg.decoder_depth))
+        self.side_block = block()  # the side-interpolator: runs only in masked training passes
+        self.de_blocks = nn.ModuleList(block() for _ in range(cfg.decoder_depth))
+        self.final_layer = FinalLayer(dim, cfg.patch_size, cfg.in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def xavier(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(xavier)
+        table = torch.from_numpy(sincos_2d(self.config.hidden_size, self.config.grid)).float().unsqueeze(0)
+        self.pos_embed.data.copy_(table)
+        self.decoder_pos_embed.data.copy_(table)
+        nn.init.normal_(self.mask_token, std=0.02)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for blk in [*self.en_blocks, self.side_block, *self.de_blocks]:  # adaLN-Zero: blocks start as identity
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # --- masking -------------------------------------------------------------------------------
+    def sample_mask(self, batch: int, device, generator=None) -> torch.Tensor:
+        """Ids of the visible tokens [B, n] for the configured strategy (sorted, for the bias)."""
+        cfg, (gh, gw) = self.config, self.config.grid
+        if cfg.mask_strategy == "tam":
+            columns = gw if cfg.time_axis == "width" else gh
+            keep = max(1, round(columns * (1 - cfg.mask_ratio)))
+            kept = torch.rand(batch, columns, generator=generator, device=device).argsort(1)[:, :keep]
+            token_time = torch.arange(self.num_tokens, device=device)
+            token_time = token_time % gw if cfg.time_axis == "width" else token_time // gw
+            visible = (token_time[None, :, None] == kept[:, None, :]).any(-1)  # [B, N]
+            return visible.nonzero()[:, 1].view(batch, -1)
+        if cfg.mask_strategy == "sam":
+            keep = max(1, round(self.num_tokens * (1 - cfg.mask_ratio)))
+            ids = torch.rand(batch, self.num_tokens, generator=generator, device=device).argsort(1)[:, :keep]
+            return ids.sort(1).values
+        raise ValueError("mask_strategy 'none' has no masked pass")
+
+    # --- forward -------------------------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.x_embedder(x).flatten(2).transpose(1, 2)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p, c, (gh, gw) = self.config.patch_size, self.config.in_channels, self.config.grid
+        x = x.view(x.shape[0], gh, gw, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
+
+    def condition(self, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.t_embedder(t) + self.video_embedder(features)
+
+    def forward(self, x, t, features, visible_ids: torch.Tensor | None = None):
+        """Predict the noise in latents x [B, C, H, W] at steps t [B] given frame features [B, T, F].
+
+        With `visible_ids` (from `sample_mask`) only those tokens enter the encoder; mask tokens fill
+        the rest before the side-interpolator and the decoder, as in training's masked pass.
+        """
+        c = self.condition(t, features)
+        x = self.patchify(x) + self.pos_embed
+        if visible_ids is not None:
+            x = x.gather(1, visible_ids[..., None].expand(-1, -1, x.shape[-1]))
+        for blk in self.en_blocks:
+            x = blk(x, c, visible_ids)
+        if visible_ids is None:
+            x = x + self.decoder_pos_embed
+        else:
+            x = self.interpolate_masked(x, c, visible_ids)
+        for blk in self.de_blocks:
+            x = blk(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def interpolate_masked(self, x, c, visible_ids):
+        """Put visible tokens back on the grid, fill the gaps with mask tokens, let the side block
+        predict the hidden ones; visible tokens pass through unchanged (MDT's side-interpolator)."""
+        b, _, d = x.shape
+        full = self.mask_token.expand(b, self.num_tokens, d).clone()
+        full.scatter_(1, visible_ids[..., None].expand(-1, -1, d), x)
+        full = full + self.decoder_pos_embed
+        hidden = torch.ones(b, self.num_tokens, 1, device=x.device, dtype=x.dtype)
+        hidden.scatter_(1, visible_ids[..., None], 0.0)
+        return hidden * self.side_block(full, c) + (1 - hidden) * full
+
+    def forward_with_cfg(self, x, t, features, guidance: torch.Tensor | float):
+        """Conditional and unconditional (zeroed features) passes in one batch, then guidance."""
+        x2 = torch.cat([x, x])
+        features2 = torch.cat([features, torch.zeros_like(features)])
+        eps_cond, eps_uncond = self(x2, torch.cat([t, t]), features2).chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    # --- sizes ---------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict:
+        total = sum(p.numel() for p in self.parameters())
+        side = sum(p.numel() for p in self.side_block.parameters()) + self.mask_token.numel()
+        return {"inference": total - side, "training": total}
+
+
+SIZES = {
+    "T": dict(depth=12, hidden_size=192, num_heads=3),
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+}
+PAPER_PARAMS = {"T": 5e6, "S": 33e6, "B": 131e6, "L": 461e6}
+
+
+def config_for(size: str, **overrides) -> MDSGenConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}: use one of {', '.join(SIZES)}")
+    return MDSGenConfig(**{**SIZES[size], **overrides})

@@ -1,0 +1,163 @@
+"""Local paths and s3://bucket/key URIs behind one small API.
+
+S3 goes through boto3 with the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION) plus AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL for S3-compatible stores.
+Writes are atomic on both sides: a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith(S3_PREFIX)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len(S3_PREFIX):].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri}: an S3 URI needs a bucket: s3://bucket/key")
+    return bucket, key
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    if is_s3(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def s3_client():
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3(str(uri))
+    listing = s3_client().list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/"), MaxKeys=1)
+    return listing.get("KeyCount", 0) > 0
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    bucket, key = split_s3(str(uri))
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as err:  # botocore raises a family of errors; name the object in all of them
+        raise FileNotFoundError(f"{uri}: cannot read from S3 ({err})") from err
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)  # an S3 PUT is atomic
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copy a local folder to a local path or an S3 prefix (files keep their relative paths)."""
+    local_dir = Path(local_dir)
+    if not is_s3(uri):
+        dest = Path(uri)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local_dir, tmp, copy_function=shutil.copyfile)  # fresh files, default modes
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return
+    bucket, prefix = split_s3(uri)
+    client = s3_client()
+    for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        key = "/".join([prefix.rstrip("/"), file.relative_to(local_dir).as_posix()]).lstrip("/")
+        client.upload_file(str(file), bucket, key)
+
+
+def _list_prefix(uri: str) -> list[dict]:
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/") + "/"
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    objects = [obj for page in pages for obj in page.get("Contents", [])]
+    if not objects:
+        raise FileNotFoundError(f"{uri}: no objects under this S3 prefix")
+    return objects
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MDSGEN_CACHE", Path.home() / ".cache" / "mdsgen"))
+
+
+@contextlib.contextmanager
+def local_file(uri: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A local path for reading `uri`: the path itself, or a temporary download of the S3 object."""
+    if not is_s3(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="mdsgen-") as tmp:
+        path = Path(tmp, "object" + (suffix or Path(split_s3(str(uri))[1]).suffix))
+        path.write_bytes(read_bytes(uri))
+        yield path
+
+
+def local_dir(uri: str | os.PathLike) -> Path:
+    """A local folder holding `uri`: the folder itself, or a cached download of the S3 prefix.
+
+    The cache key covers every object's ETag, so a changed object is fetched again. Downloads go to
+    a temporary folder renamed when complete: an interrupted download never looks finished.
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{uri}: no such folder")
+        return path
+    uri = str(uri)
+    objects = _list_prefix(uri)
+    fingerprint = "\n".join([uri] + [f"{o['Key']} {o.get('ETag', '')}" for o in objects])
+    dest = cache_dir() / "s3" / hashlib.sha256(fingerprint.encode()).hexdigest()[:20]
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".download-"))
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/") + "/"
+    client = s3_client()
+    try:
+        for obj in objects:
+            target = tmp / obj["Key"][len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(target))
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

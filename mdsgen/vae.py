@@ -1,0 +1,89 @@
+"""The mel VAE: a diffusers AutoencoderKL between mels [B, 128, 512] and latents [B, 4, 16, 64].
+
+As in the paper, the mel (values in [0, 1]) is repeated to the VAE's input channels and one channel
+of the decoder's output is the mel: channel 1 (G) by default, `"mean"` averages them. Two shapes:
+Stable Diffusion v1's VAE (loaded from a diffusers folder, local or S3; scale 0.18215) and a small
+configuration with the same 8x downsampling and latent contract that trains on a CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from . import storage
+
+SD_V1_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SMALL_VAE = dict(SD_V1_VAE, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+                 sample_size=128)
+VAE_CONFIGS = {"sd-v1": SD_V1_VAE, "small": SMALL_VAE}
+
+
+class MelVAE(nn.Module):
+    def __init__(self, vae: AutoencoderKL, decode_channel: int | str = 1):
+        super().__init__()
+        self.vae = vae
+        channels = vae.config.out_channels
+        if decode_channel != "mean" and not 0 <= int(decode_channel) < channels:
+            raise ValueError(f"decode_channel {decode_channel!r}: use 0..{channels - 1} or 'mean'")
+        self.decode_channel = decode_channel if decode_channel == "mean" else int(decode_channel)
+
+    @classmethod
+    def from_config(cls, name: str = "small", decode_channel: int | str = 1, **overrides) -> "MelVAE":
+        return cls(AutoencoderKL(**dict(VAE_CONFIGS[name], **overrides)), decode_channel)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def _images(self, mel: torch.Tensor) -> torch.Tensor:
+        return mel.unsqueeze(1).expand(-1, self.vae.config.in_channels, -1, -1)
+
+    def encode(self, mel: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Mel [B, F, T] in [0, 1] -> scaled latents [B, 4, F/8, T/8]."""
+        posterior = self.vae.encode(self._images(mel)).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        return latents * self.scaling_factor
+
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> mel [B, F, T] in [0, 1] from the configured output channel."""
+        images = self.decode_images(latents)
+        mel = images.mean(1) if self.decode_channel == "mean" else images[:, self.decode_channel]
+        return mel.clamp(0.0, 1.0)
+
+    def save(self, uri: str) -> None:
+        """A diffusers folder (safetensors) plus mdsgen.json; to a local path or an S3 prefix."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.vae.save_pretrained(tmp, safe_serialization=True)
+            Path(tmp, "mdsgen.json").write_text(json.dumps({"decode_channel": self.decode_channel}))
+            storage.upload_dir(tmp, uri)
+
+
+def load_vae(uri: str, decode_channel: int | str | None = None) -> MelVAE:
+    """Load a diffusers AutoencoderKL folder (e.g. Stable Diffusion v1's `vae/`) from disk or S3.
+
+    Only safetensors weights are accepted, so loading runs no pickled code.
+    """
+    folder = storage.local_dir(uri)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{uri}: not a diffusers VAE folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{uri}: no .safetensors weights (pickled .bin files are refused)")
+    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                        low_cpu_mem_usage=False)
+    meta = folder / "mdsgen.json"
+    if decode_channel is None:
+        decode_channel = json.loads(meta.read_text())["decode_channel"] if meta.is_file() else 1
+    return MelVAE(vae.eval(), decode_channel)

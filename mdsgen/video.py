@@ -1,0 +1,195 @@
+"""Video front-end: PyAV decoding into 4 fps windows of 32 frames, and muxing a new soundtrack.
+
+Windows: 32 frames at 4 fps start every `hop_frames` frames (28 = 7.0 s by default), each paired with
+8.192 s of audio; consecutive windows overlap by 1.192 s of audio, where their waveforms are
+crossfaded. Because the hop is a whole number of frames, every window's frames lie on one 4 fps grid
+and are decoded once. A video shorter than its last window is padded by repeating its last frame (the
+padded frames look like the scene, so the condition stays in distribution); the real duration is kept
+and the generated audio is cut to it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from .errors import MediaError
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    fps: float = 4.0
+    frames_per_window: int = 32
+    hop_frames: int = 28
+    frame_size: int = 224
+
+    @property
+    def hop_seconds(self) -> float:
+        return self.hop_frames / self.fps
+
+
+@dataclass
+class VideoWindows:
+    grid: np.ndarray     # uint8 [frames, size, size, 3]: every frame on the 4 fps grid, padding included
+    duration: float      # seconds of real video (audio is trimmed to it)
+    real_frames: int     # frames of the grid inside the video (the rest repeat the last one)
+    count: int           # windows
+    cfg: VideoConfig
+
+    def slices(self) -> list[slice]:
+        step, size = self.cfg.hop_frames, self.cfg.frames_per_window
+        return [slice(w * step, w * step + size) for w in range(self.count)]
+
+    @property
+    def frames(self) -> np.ndarray:
+        """uint8 [windows, frames_per_window, size, size, 3]."""
+        return np.stack([self.grid[s] for s in self.slices()])
+
+
+def window_count(duration: float, clip_seconds: float, hop_seconds: float) -> int:
+    if duration <= clip_seconds:
+        return 1
+    return 1 + math.ceil((duration - clip_seconds) / hop_seconds - 1e-9)
+
+
+def _to_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
+    """Resize the shorter side to `size`, apply the display rotation, centre-crop a square."""
+    scale = size / min(frame.width, frame.height)
+    width, height = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
+    image = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    rotation = getattr(frame, "rotation", 0) or 0
+    if rotation % 360:
+        image = np.rot90(image, k=round(rotation / 90) % 4)  # rotation is counterclockwise
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return np.ascontiguousarray(image[top:top + size, left:left + size])
+
+
+def _open_video(path) -> av.container.InputContainer:
+    if not Path(path).is_file():
+        raise MediaError(path, "no such file")
+    if Path(path).stat().st_size == 0:
+        raise MediaError(path, "file is empty")
+    try:
+        container = av.open(str(path))
+    except Exception as err:
+        raise MediaError(path, f"cannot be opened as a video ({str(err).splitlines()[0]})") from err
+    if not container.streams.video:
+        container.close()
+        raise MediaError(path, "has no video stream")
+    return container
+
+
+def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: float = 8.192) -> VideoWindows:
+    """Decode `path` once and cut it into the windows the denoiser conditions on."""
+    container = _open_video(path)
+    grid: list[np.ndarray] = []
+    end_time = 0.0
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        start, current = None, None
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                if start is None:
+                    start = frame.time
+                t = frame.time - start
+                # the frame on screen at grid time k / fps is the last one that started by then
+                while current is not None and len(grid) / cfg.fps < t - 1e-6:
+                    grid.append(_to_rgb(current, cfg.frame_size))
+                current = frame
+                end_time = t + _frame_duration(stream)
+        except av.error.FFmpegError as err:
+            if current is None:
+                raise MediaError(path, f"video cannot be decoded ({str(err).splitlines()[0]})") from err
+            # a damaged tail: keep what decoded, as players do
+        if current is None:
+            raise MediaError(path, "video stream has no decodable frames")
+        while len(grid) / cfg.fps < end_time - 1e-6:
+            grid.append(_to_rgb(current, cfg.frame_size))
+    real = len(grid)
+    count = window_count(end_time, clip_seconds, cfg.hop_seconds)
+    needed = (count - 1) * cfg.hop_frames + cfg.frames_per_window
+    grid.extend([grid[-1]] * (needed - real))
+    return VideoWindows(np.stack(grid), duration=end_time, real_frames=real, count=count, cfg=cfg)
+
+
+def _frame_duration(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate
+    return 1.0 / float(rate) if rate else 0.0
+
+
+def frames_to_tensor(frames: np.ndarray):
+    """uint8 [..., H, W, 3] -> float32 torch [..., 3, H, W] in [0, 1]."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(frames))
+    return tensor.movedim(-1, -3).float().div_(255.0)
+
+
+# Codecs an MP4 file can hold; others keep their stream in Matroska, which holds nearly anything.
+MP4_VIDEO_CODECS = {"h264", "hevc", "mpeg4", "av1", "vp9", "mjpeg", "mpeg2video", "mpeg1video"}
+
+
+def muxed_suffix(video_path) -> str:
+    with _open_video(video_path) as container:
+        codec = container.streams.video[0].codec_context.name
+    return ".mp4" if codec in MP4_VIDEO_CODECS else ".mkv"
+
+
+def mux_audio(video_path, wave: np.ndarray, sample_rate: int, out_path) -> Path:
+    """Write `out_path`: the input's video stream copied packet for packet, plus `wave` as AAC.
+
+    The audio starts at the first video frame, as the windows do. Packets of both streams are
+    interleaved by time. The file appears under its name only when complete.
+    """
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
+    with _open_video(video_path) as source:
+        in_video = source.streams.video[0]
+        video_start = float((in_video.start_time or 0) * in_video.time_base)
+        try:
+            with av.open(str(tmp), "w") as sink:
+                out_video = sink.add_stream_from_template(in_video)
+                out_audio = sink.add_stream("aac", rate=sample_rate, layout="mono")
+                audio_packets = _encode_aac(out_audio, wave, sample_rate, video_start)
+                _interleave(sink, source.demux(in_video), out_video, audio_packets)
+            tmp.replace(out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def _encode_aac(stream, wave: np.ndarray, sample_rate: int, start_seconds: float) -> list:
+    offset = round(start_seconds * sample_rate)
+    samples = np.ascontiguousarray(wave.astype(np.float32).reshape(1, -1))
+    packets = []
+    step = 1024  # AAC frame size
+    for begin in range(0, samples.shape[1], step):
+        frame = av.AudioFrame.from_ndarray(samples[:, begin:begin + step], format="fltp", layout="mono")
+        frame.sample_rate = sample_rate
+        frame.pts = offset + begin
+        packets.extend(stream.encode(frame))
+    packets.extend(stream.encode(None))
+    return packets
+
+
+def _interleave(sink, video_packets, out_video, audio_packets: list) -> None:
+    pending = iter(audio_packets)
+    next_audio = next(pending, None)
+    for packet in video_packets:
+        if packet.dts is None:  # the demuxer's flush packet
+            continue
+        t = float(packet.dts * packet.time_base)
+        while next_audio is not None and float(next_audio.dts * next_audio.time_base) <= t:
+            sink.mux(next_audio)
+            next_audio = next(pending, None)
+        packet.stream = out_video
+        sink.mux(packet)
+    while next_audio is not None:
+        sink.mux(next_audio)
+        next_audio = next(pending, None)

@@ -1,0 +1,64 @@
+"""Small real media files written with PyAV for the tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def frame_level(index: int) -> int:
+    """The grey level of frame `index` in `make_video` files: frames are told apart by brightness."""
+    return 20 + (index * 5) % 200
+
+
+def make_video(path, seconds: float = 3.0, fps: int = 10, size=(160, 120), codec: str = "libx264",
+               audio: bool = True, sample_rate: int = 44100) -> Path:
+    """A video whose frame i is uniformly grey at `frame_level(i)`, with an optional sine soundtrack."""
+    path = Path(path)
+    width, height = size
+    with av.open(str(path), "w") as out:
+        video = out.add_stream(codec, rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        sound = out.add_stream("aac", rate=sample_rate, layout="mono") if audio else None
+        frames = round(seconds * fps)
+        for i in range(frames):
+            image = np.full((height, width, 3), frame_level(i), dtype=np.uint8)
+            image[: height // 4, : width // 4] = (255, 0, 0)  # a red corner: colours stay in order
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+        if sound is not None:
+            t = np.arange(round(seconds * sample_rate)) / sample_rate
+            wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            for start in range(0, len(wave), 1024):
+                chunk = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = sample_rate, start
+                out.mux(sound.encode(chunk))
+            out.mux(sound.encode(None))
+    return path
+
+
+def make_audio_only(path, seconds: float = 2.0, sample_rate: int = 22050) -> Path:
+    with av.open(str(path), "w", format="mp4") as out:
+        sound = out.add_stream("aac", rate=sample_rate, layout="mono")
+        wave = (0.3 * np.sin(2 * np.pi * 330 * np.arange(round(seconds * sample_rate)) / sample_rate)).astype(np.float32)
+        for start in range(0, len(wave), 1024):
+            chunk = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = sample_rate, start
+            out.mux(sound.encode(chunk))
+        out.mux(sound.encode(None))
+    return Path(path)
+
+
+def streams(path) -> list[tuple[str, str, float]]:
+    """(type, codec, seconds) of every stream."""
+    with av.open(str(path)) as c:
+        return [(s.type, s.codec_context.name, float(s.duration * s.time_base) if s.duration else
+                 c.duration / 1e6) for s in c.streams]
+
+
+def video_packets(path) -> list[bytes]:
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(video=0) if p.dts is not None]

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from mdsgen.diffusion import training_loss
+from mdsgen.model import MDSGen, MDSGenConfig, PAPER_PARAMS, SIZES, config_for
+
+
+def tiny(**overrides) -> MDSGen:
+    torch.manual_seed(0)
+    return MDSGen(MDSGenConfig(**{**dict(hidden_size=32, depth=4, num_heads=2, decoder_depth=2, feature_dim=16),
+                                  **overrides}))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_parameter_counts_match_the_paper(size):
+    model = MDSGen(config_for(size, feature_dim=512))  # CAVP's 512-d features, as in the paper
+    counts = model.parameter_counts()
+    assert counts["training"] > counts["inference"]  # the side block only exists for training
+    ratio = counts["inference"] / PAPER_PARAMS[size]
+    if size == "T":
+        # 12 x 192 cannot be 5M: the attention and MLP alone hold 12 * 12 * 192^2 = 5.3M
+        assert 8.0e6 < counts["inference"] < 8.8e6
+    else:
+        assert abs(ratio - 1) < 0.03, (size, counts, ratio)
+
+
+def test_shapes_for_both_layouts():
+    x, t, f = torch.randn(2, 4, 16, 64), torch.tensor([3, 900]), torch.randn(2, 32, 16)
+    assert tiny()(x, t, f).shape == x.shape
+    audioldm = tiny(input_size=(64, 16), in_channels=8, time_axis="height")
+    x = torch.randn(2, 8, 64, 16)
+    assert audioldm(x, t, f).shape == x.shape
+    assert audioldm(x, t, f, audioldm.sample_mask(2, "cpu")).shape == x.shape
+
+
+def _grid_positions(model, ids):
+    gw = model.config.grid[1]
+    return ids // gw, ids % gw
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_tam_masks_whole_time_columns(ratio):
+    model = tiny(mask_ratio=ratio)
+    gh, gw = model.config.grid  # 8 freq rows x 32 time columns
+    ids = model.sample_mask(16, "cpu", torch.Generator().manual_seed(1))
+    for sample in ids:
+        rows, cols = _grid_positions(model, sample)
+        visible_cols = cols.unique()
+        assert len(visible_cols) == round(gw * (1 - ratio))
+        assert len(sample) == len(visible_cols) * gh  # every row of a visible column, none of a hidden one
+    assert len({tuple(s.tolist()) for s in ids}) > 1  # columns change between samples
+
+
+def test_tam_on_the_height_time_axis_masks_rows():
+    model = tiny(input_size=(64, 16), time_axis="height")
+    gh, gw = model.config.grid
+    ids = model.sample_mask(4, "cpu")
+    for sample in ids:
+        rows, _ = _grid_positions(model, sample)
+        assert len(rows.unique()) == round(gh * 0.7) and len(sample) == len(rows.unique()) * gw
+
+
+def test_sam_masks_single_tokens():
+    model = tiny(mask_strategy="sam")
+    ids = model.sample_mask(8, "cpu")
+    assert ids.shape[1] == round(model.num_tokens * 0.7)
+    _, cols = _grid_positions(model, ids[0])
+    per_column = torch.bincount(cols, minlength=model.config.grid[1])
+    assert (per_column != per_column[0]).any()  # not whole columns
+
+
+def test_only_visible_tokens_enter_the_encoder():
+    model = tiny()
+    seen = []
+    model.en_blocks[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    side = []
+    model.side_block.register_forward_hook(lambda m, inp, out: side.append(inp[0].shape[1]))
+    x, t, f = torch.randn(2, 4, 16, 64), torch.tensor([1, 2]), torch.randn(2, 32, 16)
+    model(x, t, f)
+    ids = model.sample_mask(2, "cpu")
+    model(x, t, f, ids)
+    assert seen == [256, ids.shape[1]] and ids.shape[1] == 22 * 8
+    assert side == [256]  # the side-interpolator runs in the masked pass only, on the full grid
+
+
+@pytest.mark.parametrize("strategy,passes", [("tam", 2), ("sam", 2), ("none", 1)])
+def test_training_loss_passes(strategy, passes):
+    model = tiny(mask_strategy=strategy)
+    calls = []
+    model.en_blocks[0].register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[1]))
+    out = training_loss(model, torch.randn(3, 4, 16, 64), torch.randn(3, 32, 16))
+    assert len(calls) == passes
+    assert ("loss_masked" in out) == (passes == 2)
+    expected = out["loss_full"] + (out["loss_masked"] if passes == 2 else 0)
+    assert torch.allclose(out["loss"], expected)
+    out["loss"].backward()
+    # the side block is in the graph (has a gradient, zero at adaLN-Zero init) only with a masked pass
+    assert (model.side_block.adaLN_modulation[-1].weight.grad is not None) == (passes == 2)
+
+
+def test_cfg_dropout_zeroes_the_condition():
+    model = tiny()
+    seen = []
+    model.video_embedder.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    training_loss(model, torch.randn(64, 4, 16, 64), torch.ones(64, 32, 16), cfg_dropout=0.5,
+                  generator=torch.Generator().manual_seed(0))
+    dropped = (seen[0].abs().sum(dim=(1, 2)) == 0).float().mean().item()
+    assert 0.3 < dropped < 0.7
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="time_axis"):
+        MDSGenConfig(time_axis="diagonal")
+    with pytest.raises(ValueError, match="mask_strategy"):
+        MDSGenConfig(mask_strategy="random")
+    with pytest.raises(ValueError, match="size"):
+        config_for("XL")
