@@ -15,7 +15,7 @@ import librosa
 import numpy as np
 import torch
 
-from .errors import MediaError
+from .errors import MediaError, describe
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def load_audio(path, sample_rate: int = 16000) -> np.ndarray:
     try:
         container = av.open(str(path))
     except Exception as err:
-        raise MediaError(path, f"cannot be opened as media ({_first_line(err)})") from err
+        raise MediaError(path, f"cannot be opened as media ({describe(err)})") from err
     with container:
         if not container.streams.audio:
             raise MediaError(path, "has no audio stream")
@@ -55,14 +55,10 @@ def load_audio(path, sample_rate: int = 16000) -> np.ndarray:
                 chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
             chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
         except av.error.FFmpegError as err:
-            raise MediaError(path, f"audio cannot be decoded ({_first_line(err)})") from err
+            raise MediaError(path, f"audio cannot be decoded ({describe(err)})") from err
     if not chunks:
         raise MediaError(path, "audio stream holds no samples")
     return np.concatenate(chunks).astype(np.float32)
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def fit_length(wave: np.ndarray | torch.Tensor, length: int):

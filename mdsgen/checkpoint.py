@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from . import storage
 from .audio import AudioConfig
 from .diffusion import SamplingConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, describe
 from .model import MDSGen, MDSGenConfig
 from .vae import MelVAE, load_vae
 from .video import VideoConfig
@@ -58,18 +58,32 @@ def load_checkpoint(uri: str, device: str = "cpu") -> Checkpoint:
     for part in ("config.json", "model.safetensors", "vae"):
         if not (folder / part).exists():
             raise CheckpointError(f"{uri}: not an mdsgen checkpoint (missing {part})")
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{uri}: config.json is not valid JSON ({err})") from err
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise CheckpointError(f"{uri}: format {config.get('format')!r} version {config.get('version')!r}, "
                               f"expected {FORMAT!r} version {VERSION}")
-    model = MDSGen(MDSGenConfig(**config["model"]))
     try:
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        model = MDSGen(MDSGenConfig(**config["model"]))
+        settings = dict(frame_encoder=config["frame_encoder"], audio=AudioConfig(**config["audio"]),
+                        video=VideoConfig(**config["video"]), sampling=SamplingConfig(**config["sampling"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{uri}: config.json does not describe this version's model ({err})") from err
+    try:
+        weights = load_file(str(folder / "model.safetensors"))
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        raise CheckpointError(f"{uri}: model.safetensors is not a readable safetensors file ({err})") from err
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as err:
         raise CheckpointError(f"{uri}: weights do not match its config ({str(err).splitlines()[0]})") from err
-    return Checkpoint(model=model.to(device).eval(), vae=load_vae(str(folder / "vae")).to(device),
-                      frame_encoder=config["frame_encoder"], audio=AudioConfig(**config["audio"]),
-                      video=VideoConfig(**config["video"]), sampling=SamplingConfig(**config["sampling"]))
+    try:
+        vae = load_vae(str(folder / "vae"))
+    except Exception as err:
+        raise CheckpointError(f"{uri}: the VAE in vae/ cannot be loaded ({describe(err)})") from err
+    return Checkpoint(model=model.to(device).eval(), vae=vae.to(device), **settings)
 
 
 def init_checkpoint(params, seed: int = 0) -> Checkpoint:

@@ -12,3 +12,9 @@ class MediaError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint is missing parts or does not match the code that loads it."""
+
+
+def describe(err: Exception) -> str:
+    """FFmpeg's reason without the path it repeats; else the first line of the message."""
+    lines = str(err).splitlines()
+    return getattr(err, "strerror", None) or (lines[0] if lines else type(err).__name__)

@@ -16,7 +16,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import MediaError
+from .errors import MediaError, describe
+
+
+TIME_TOLERANCE = 1e-3  # seconds
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def _open_video(path) -> av.container.InputContainer:
     try:
         container = av.open(str(path))
     except Exception as err:
-        raise MediaError(path, f"cannot be opened as a video ({str(err).splitlines()[0]})") from err
+        raise MediaError(path, f"cannot be opened as a video ({describe(err)})") from err
     if not container.streams.video:
         container.close()
         raise MediaError(path, "has no video stream")
@@ -99,17 +102,18 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
                     start = frame.time
                 t = frame.time - start
                 # the frame on screen at grid time k / fps is the last one that started by then
-                while current is not None and len(grid) / cfg.fps < t - 1e-6:
+                # (within a millisecond: Matroska and WebM store times in whole milliseconds)
+                while current is not None and len(grid) / cfg.fps < t - TIME_TOLERANCE:
                     grid.append(_to_rgb(current, cfg.frame_size))
                 current = frame
                 end_time = t + _frame_duration(stream)
         except av.error.FFmpegError as err:
             if current is None:
-                raise MediaError(path, f"video cannot be decoded ({str(err).splitlines()[0]})") from err
+                raise MediaError(path, f"video cannot be decoded ({describe(err)})") from err
             # a damaged tail: keep what decoded, as players do
         if current is None:
             raise MediaError(path, "video stream has no decodable frames")
-        while len(grid) / cfg.fps < end_time - 1e-6:
+        while len(grid) / cfg.fps < end_time - TIME_TOLERANCE:
             grid.append(_to_rgb(current, cfg.frame_size))
     real = len(grid)
     count = window_count(end_time, clip_seconds, cfg.hop_seconds)

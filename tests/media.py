@@ -19,7 +19,8 @@ def make_video(path, seconds: float = 3.0, fps: int = 10, size=(160, 120), codec
     width, height = size
     with av.open(str(path), "w") as out:
         video = out.add_stream(codec, rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.width, video.height = width, height
+        video.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         sound = out.add_stream("aac", rate=sample_rate, layout="mono") if audio else None
         frames = round(seconds * fps)
         for i in range(frames):
@@ -62,3 +63,15 @@ def streams(path) -> list[tuple[str, str, float]]:
 def video_packets(path) -> list[bytes]:
     with av.open(str(path)) as c:
         return [bytes(p) for p in c.demux(video=0) if p.dts is not None]
+
+
+def rotate_mp4(path, out_path) -> Path:
+    """Copy an MP4 whose track header says: display rotated 90 degrees clockwise (as phones write)."""
+    import struct
+
+    data = bytearray(Path(path).read_bytes())
+    matrix = data.find(b"tkhd") + 44  # after version/flags, times, ids, duration, layer, volume
+    assert struct.unpack(">9i", data[matrix:matrix + 36])[0] == 65536, "expected an identity matrix"
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
+    Path(out_path).write_bytes(bytes(data))
+    return Path(out_path)

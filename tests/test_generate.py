@@ -1,0 +1,109 @@
+"""`mdsgen generate` end to end on real videos, through the command line."""
+import csv
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from media import make_audio_only, make_video, streams, video_packets
+
+
+def run_generate(*args, check=False):
+    proc = subprocess.run([sys.executable, "-m", "mdsgen", "generate", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, bigbuckbunny, video_20s, untrained_checkpoint):
+    inputs = tmp_path_factory.mktemp("inputs")
+    shutil.copy(bigbuckbunny, inputs / "bunny.mp4")
+    shutil.copy(video_20s, inputs / "twenty.mp4")
+    out = tmp_path_factory.mktemp("out")
+    proc = run_generate(inputs, "-o", out, "--checkpoint", untrained_checkpoint, "--steps", "5", check=True)
+    return inputs, out, proc
+
+
+@pytest.mark.parametrize("name,duration", [("bunny", 5.28), ("twenty", 20.0)])
+def test_outputs_have_both_streams_and_the_original_video(generated, name, duration):
+    inputs, out, _ = generated
+    muxed = out / f"{name}.mp4"
+    kinds = streams(muxed)
+    assert [k[0] for k in kinds] == ["video", "audio"]
+    (_, video_codec, video_seconds), (_, audio_codec, audio_seconds) = kinds
+    assert video_codec == "h264" and audio_codec == "aac"
+    assert abs(video_seconds - duration) < 0.05
+    assert abs(audio_seconds - video_seconds) < 0.07  # within one AAC frame at 16 kHz
+    assert video_packets(muxed) == video_packets(inputs / f"{name}.mp4")  # copied, not re-encoded
+    wave, rate = sf.read(out / f"{name}.wav")
+    assert rate == 16000 and len(wave) == round(duration * 16000)
+    assert np.abs(wave).max() > 0.01
+
+
+def test_same_seed_same_audio(generated, untrained_checkpoint, tmp_path):
+    inputs, out, _ = generated
+    again = tmp_path / "again"
+    run_generate(inputs / "bunny.mp4", "-o", again, "--checkpoint", untrained_checkpoint, "--steps", "5",
+                 "--no-mux", check=True)
+    assert sf.read(again / "bunny.wav")[0].tolist() == sf.read(out / "bunny.wav")[0].tolist()
+    other = tmp_path / "other"
+    run_generate(inputs / "bunny.mp4", "-o", other, "--checkpoint", untrained_checkpoint, "--steps", "5",
+                 "--seed", "1", "--no-mux", check=True)
+    assert not np.allclose(sf.read(other / "bunny.wav")[0], sf.read(out / "bunny.wav")[0])
+    assert not (again / "bunny.mp4").exists()
+
+
+def test_bad_inputs_fail_alone(tmp_path, bigbuckbunny, untrained_checkpoint):
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    make_video(batch / "good.mp4", seconds=3.0)
+    (batch / "empty.mp4").write_bytes(b"")
+    (batch / "text.mp4").write_text("definitely not a video\n" * 10)
+    (batch / "truncated.mp4").write_bytes(bigbuckbunny.read_bytes()[:300_000])
+    make_audio_only(batch / "audio_only.mp4")
+    out = tmp_path / "out"
+    proc = run_generate(batch, "-o", out, "--checkpoint", untrained_checkpoint, "--steps", "3")
+    assert proc.returncode == 1
+    for name, reason in [("empty.mp4", "file is empty"), ("text.mp4", "cannot be opened"),
+                         ("truncated.mp4", "cannot be opened"), ("audio_only.mp4", "has no video stream")]:
+        assert f"error: {batch / name}: {reason}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["good.mp4", "good.wav"]
+    assert "1 of 5 videos done" in proc.stderr
+
+
+def test_csv_input(tmp_path, untrained_checkpoint):
+    make_video(tmp_path / "a.mp4", seconds=2.0)
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], ["a.mp4", "dog"]])
+    run_generate(tmp_path / "list.csv", "-o", tmp_path / "out", "--checkpoint", untrained_checkpoint,
+                 "--steps", "3", check=True)
+    assert (tmp_path / "out" / "a.wav").is_file() and (tmp_path / "out" / "a.mp4").is_file()
+
+
+def test_bad_checkpoints_are_refused(tmp_path, untrained_checkpoint, bigbuckbunny):
+    proc = run_generate(bigbuckbunny, "-o", tmp_path / "o", "--checkpoint", tmp_path / "absent")
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(untrained_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
+    proc = run_generate(bigbuckbunny, "-o", tmp_path / "o", "--checkpoint", broken)
+    assert proc.returncode == 2 and "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
+    from mdsgen.diffusion import SamplingConfig
+    from mdsgen.generate import VideoToAudio
+
+    one = VideoToAudio(str(untrained_checkpoint), batch_size=1)
+    many = VideoToAudio(one.ckpt, batch_size=8)
+    windows = one.read(video_20s)
+    features = one.features(windows)
+    sampling = SamplingConfig(steps=3)
+    a, b = one.latents(features, sampling, seed=5), many.latents(features, sampling, seed=5)
+    assert a.shape == (3, 4, 16, 64) and np.allclose(a, b, atol=1e-3)

@@ -1,0 +1,82 @@
+import math
+
+import numpy as np
+import pytest
+
+from media import frame_level, make_audio_only, make_video
+from mdsgen.errors import MediaError
+from mdsgen.video import VideoConfig, read_video_windows, window_count
+
+
+def test_short_video_is_one_padded_window(bigbuckbunny):
+    windows = read_video_windows(bigbuckbunny)
+    assert windows.count == 1 and windows.frames.shape == (1, 32, 224, 224, 3)
+    assert abs(windows.duration - 5.28) < 0.01
+    assert windows.real_frames == math.ceil(5.28 * 4)
+    grid = windows.grid
+    # padding repeats the last real frame
+    assert all((grid[i] == grid[windows.real_frames - 1]).all() for i in range(windows.real_frames, 32))
+    assert not (grid[0] == grid[windows.real_frames - 1]).all()
+
+
+def test_frames_are_sampled_at_4_fps(video_20s):
+    windows = read_video_windows(video_20s)  # 20 s at 10 fps: frame i has grey level frame_level(i)
+    assert windows.count == window_count(20.0, 8.192, 7.0) == 3
+    assert windows.real_frames == 80
+    for k in range(windows.real_frames):
+        shown = math.floor(k / 4 * 10 + 1e-6)  # the frame on screen at k / 4 seconds
+        assert abs(int(windows.grid[k][150, 150].mean()) - frame_level(shown)) <= 3, k
+        assert windows.grid[k][5, 5, 0] > 200 and windows.grid[k][5, 5, 1] < 60  # red corner, top-left
+
+
+def test_windows_overlap_on_one_grid(video_20s):
+    windows = read_video_windows(video_20s)
+    frames = windows.frames
+    assert frames.shape == (3, 32, 224, 224, 3)
+    np.testing.assert_array_equal(frames[1][:4], frames[0][28:])  # 4 shared frames = 1 s
+    assert windows.grid.shape[0] == 2 * 28 + 32
+
+
+@pytest.mark.parametrize("codec,suffix,size,fps", [
+    ("mpeg4", ".avi", (320, 240), 25),
+    ("libvpx-vp9", ".webm", (120, 200), 12),   # portrait
+    ("mjpeg", ".mkv", (64, 48), 30),           # smaller than 224: upscaled
+])
+def test_other_containers_codecs_and_shapes(tmp_path, codec, suffix, size, fps):
+    path = make_video(tmp_path / f"v{suffix}", seconds=2.0, fps=fps, size=size, codec=codec, audio=False)
+    windows = read_video_windows(path)
+    assert windows.frames.shape == (1, 32, 224, 224, 3)
+    assert abs(windows.duration - 2.0) < 0.1 and windows.real_frames == 8
+    assert abs(int(windows.grid[4][150, 150].mean()) - frame_level(fps)) <= 4  # the frame at 1.0 s
+
+
+def test_longer_windows_config(video_20s):
+    cfg = VideoConfig(hop_frames=16)
+    windows = read_video_windows(video_20s, cfg)
+    assert windows.count == window_count(20.0, 8.192, 4.0) == 4
+
+
+def test_bad_files_raise_clear_errors(tmp_path, bigbuckbunny):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.mp4"
+    text.write_text("this is not a video\n" * 20)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(bigbuckbunny.read_bytes()[:200_000])
+    audio_only = make_audio_only(tmp_path / "audio_only.mp4")
+    cases = {empty: "empty", text: "cannot be opened", truncated: "cannot be opened",
+             audio_only: "no video stream", tmp_path / "missing.mp4": "no such file"}
+    for path, reason in cases.items():
+        with pytest.raises(MediaError) as err:
+            read_video_windows(path)
+        assert str(path) in str(err.value) and reason in str(err.value)
+
+
+def test_display_rotation_is_applied(tmp_path):
+    from media import rotate_mp4
+
+    upright = make_video(tmp_path / "upright.mp4", seconds=1.0, audio=False)  # red corner top-left
+    rotated = rotate_mp4(upright, tmp_path / "rotated.mp4")
+    assert read_video_windows(upright).grid[0][10, 10, 0] > 200
+    frame = read_video_windows(rotated).grid[0]
+    assert frame[10, 213, 0] > 200 and frame[10, 10, 0] < 200  # turned clockwise: now top-right
