@@ -109,9 +109,9 @@ class RelativePositionBias(nn.Module):
     def forward(self, ids: torch.Tensor | None) -> torch.Tensor:
         """Bias [1 or B, heads, N, N] for all tokens, or for the tokens `ids` [B, n] of each sample."""
         if ids is None:
-            return self.table[self.index].permute(2, 0, 1).unsqueeze(0)
+            return self.table[self.index].permute(2, 0, 1).unsqueeze(0).contiguous()
         index = self.index[ids[:, :, None], ids[:, None, :]]  # [B, n, n]
-        return self.table[index].permute(0, 3, 1, 2)
+        return self.table[index].permute(0, 3, 1, 2).contiguous()  # SDPA needs a dense mask to stay fast
 
 
 class Attention(nn.Module):
