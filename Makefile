@@ -7,6 +7,8 @@ TORCH  ?= torch==2.13.0
 APT_PACKAGES := tuxpaint-stamps-default
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DVC_NO_ANALYTICS := 1
+# DVC stages call `mdsgen`: the venv's bin comes first on PATH
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup demo test clean
 setup: $(STAMP)
@@ -18,13 +20,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -U pip
 	# torch first: the CPU wheel on disk; a GPU user who installed their own torch keeps it
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,pipeline]"
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/mdsgen models
-	$(VENV)/bin/mdsgen init-checkpoint runs/demo/untrained
-	$(VENV)/bin/mdsgen generate "$$($(PY) -c 'import mdsgen.samples as s; print(s.bigbuckbunny())')" \
+	mdsgen models
+	mdsgen params use demo
+	dvc repro
+	mdsgen init-checkpoint runs/demo/untrained --vae models/vae
+	mdsgen generate data/dataset/metadata.csv --split test --limit 4 -o runs/demo/generated \
+		--checkpoint runs/demo/untrained
+	mdsgen generate "$$(python -c 'import mdsgen.samples as s; print(s.bigbuckbunny())')" \
 		-o runs/demo/generated --checkpoint runs/demo/untrained
 
 test: setup

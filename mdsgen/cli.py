@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import CheckpointError, MediaError
 
@@ -20,7 +21,8 @@ def cmd_generate(args) -> int:
                                   cfg_scale=base.cfg_scale if args.cfg is None else args.cfg,
                                   cfg_power=base.cfg_power, solver_order=base.solver_order)
         results = generate_files(args.input, args.output, ckpt, sampling, seed=args.seed, device=args.device,
-                                 batch_size=args.batch_size, mux=not args.no_mux)
+                                 batch_size=args.batch_size, mux=not args.no_mux, split=args.split,
+                                 limit=args.limit)
     except (CheckpointError, MediaError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -59,8 +61,69 @@ def cmd_init_checkpoint(args) -> int:
     params = load_params(args.params)
     if args.size:
         params.model["size"] = args.size
+    if args.vae:
+        params.vae["path"] = args.vae
     save_checkpoint(init_checkpoint(params, seed=args.seed), args.output)
     print(f"untrained checkpoint ({params.model['size']}) written to {args.output}")
+    return 0
+
+
+def cmd_params_use(args) -> int:
+    from .config import use_profile
+
+    use_profile(args.profile, args.params)
+    print(f"{args.params}: profile {args.profile} is active")
+    return 0
+
+
+def cmd_dataset_build(args) -> int:
+    from .config import load_params
+    from .dataset import build_dataset
+
+    rows = build_dataset(load_params(args.params).dataset, args.out)
+    print(f"{len(rows)} clips in {args.out}")
+    return 0
+
+
+def cmd_dataset_import(args) -> int:
+    from .dataset import import_vggsound
+
+    rows, failures = import_vggsound(args.csv, args.videos, args.out)
+    print(f"{len(rows)} clips imported into {args.out}; {len(failures)} skipped (see import_report.json)")
+    return 0 if rows else 1
+
+
+def cmd_features(args) -> int:
+    from .config import load_params
+    from .features import extract_features
+
+    p = load_params(args.params)
+    result = extract_features(args.dataset, args.out, p.frame_encoder, p.audio, p.video,
+                              workers=args.workers or p.features["workers"])
+    print(f"features: {result['computed']} computed, {result['reused']} reused, {result['removed']} removed, "
+          f"{len(result['failed'])} failed")
+    return 0
+
+
+def cmd_train_vae(args) -> int:
+    from .config import load_params
+    from .vae_train import train_vae
+
+    p = load_params(args.params)
+    metrics = train_vae(args.dataset, args.features, args.out, args.report, p.vae_train, p.audio, p.vae)
+    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.metrics).write_text(json.dumps(metrics, indent=2))
+    print(f"VAE saved to {args.out}: val mel L1 {metrics['val_mel_l1']:.4f} "
+          f"(mean-mel baseline {metrics['val_mel_l1_of_mean_mel']:.4f}), scale {metrics['scaling_factor']:.4f}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from .features import encode_latents
+    from .vae import load_vae
+
+    counts = encode_latents(args.dataset, args.features, load_vae(args.vae).eval(), args.out)
+    print("latents: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
     return 0
 
 
@@ -78,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=8, help="windows sampled together")
     p.add_argument("--no-mux", action="store_true", help="write only the WAV")
+    p.add_argument("--split", help="with a dataset's metadata.csv: only this split (train, val, test)")
+    p.add_argument("--limit", type=int, help="only the first N inputs")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("models", help="list the model sizes with their parameter counts")
@@ -89,14 +154,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder or s3:// prefix")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--size", choices=["T", "S", "B", "L"])
+    p.add_argument("--vae", help="a saved VAE folder to include (e.g. models/vae from train-vae)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_checkpoint)
+
+    p = sub.add_parser("params", help="switch params.yaml to a profile (ci, demo)")
+    p.add_argument("action", choices=["use"])
+    p.add_argument("profile")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_params_use)
+
+    dataset = sub.add_parser("dataset", help="build the embedded dataset or import VGGSound-style data")
+    dsub = dataset.add_subparsers(dest="dataset_command", required=True)
+    p = dsub.add_parser("build", help="render the embedded dataset from Tux Paint's pictures and recordings")
+    p.add_argument("--out", default="data/dataset")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_dataset_build)
+    p = dsub.add_parser("import", help="import clips listed in a VGGSound CSV")
+    p.add_argument("--csv", required=True, help="youtube_id, start_seconds, label, split")
+    p.add_argument("--videos", required=True, help="folder with the video files")
+    p.add_argument("--out", default="data/dataset")
+    p.set_defaults(func=cmd_dataset_import)
+
+    p = sub.add_parser("features", help="frame features and mels per clip (incremental)")
+    p.add_argument("dataset", nargs="?", default="data/dataset")
+    p.add_argument("out", nargs="?", default="data/features")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("train-vae", help="train the small mel VAE (or adopt vae.path)")
+    p.add_argument("dataset", nargs="?", default="data/dataset")
+    p.add_argument("features", nargs="?", default="data/features")
+    p.add_argument("--out", default="models/vae")
+    p.add_argument("--report", default="reports/vae", help="mels PNG and WAVs to listen to")
+    p.add_argument("--metrics", default="reports/vae-metrics.json")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("encode", help="mel -> VAE latents per split, for training")
+    p.add_argument("dataset", nargs="?", default="data/dataset")
+    p.add_argument("features", nargs="?", default="data/features")
+    p.add_argument("--vae", default="models/vae")
+    p.add_argument("--out", default="data/latents")
+    p.set_defaults(func=cmd_encode)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (CheckpointError, MediaError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """params.yaml, the one source of settings, read into the typed configs of each module."""
 from __future__ import annotations
 
+import copy
+import io
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from .audio import AudioConfig
+from .dataset import DatasetConfig
 from .diffusion import SamplingConfig
 from .train import TrainConfig
+from .vae_train import VAETrainConfig
 from .video import VideoConfig
 
 
@@ -18,9 +22,13 @@ class Params:
     video: VideoConfig = field(default_factory=VideoConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
     model: dict = field(default_factory=lambda: {"size": "T"})       # size + MDSGenConfig overrides
-    vae: dict = field(default_factory=lambda: {"config": "small", "decode_channel": 1})
+    vae: dict = field(default_factory=lambda: {"config": "small", "decode_channel": 1, "path": None})
     frame_encoder: dict = field(default_factory=lambda: {"name": "efficientnet-lite0"})
+    features: dict = field(default_factory=lambda: {"workers": 2})
+    profile: str = "default"
 
 
 def _typed(cls, values: dict | None, section: str):
@@ -33,13 +41,52 @@ def _typed(cls, values: dict | None, section: str):
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return parse_params(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def parse_params(raw: dict) -> Params:
     return Params(
         audio=_typed(AudioConfig, raw.get("audio"), "audio"),
         video=_typed(VideoConfig, raw.get("video"), "video"),
         sampling=_typed(SamplingConfig, raw.get("sampling"), "sampling"),
         train=_typed(TrainConfig, raw.get("train"), "train"),
+        dataset=_typed(DatasetConfig, raw.get("dataset"), "dataset"),
+        vae_train=_typed(VAETrainConfig, raw.get("vae_train"), "vae_train"),
+        features=dict(Params().features, **(raw.get("features") or {})),
+        profile=raw.get("profile", "default"),
         model=dict(Params().model, **(raw.get("model") or {})),
         vae=dict(Params().vae, **(raw.get("vae") or {})),
         frame_encoder=dict(raw.get("frame_encoder") or Params().frame_encoder),
     )
+
+
+def use_profile(name: str, path: str | Path = "params.yaml") -> None:
+    """Copy `profiles.<name>` over the active sections of params.yaml, keeping its comments.
+
+    Stages read only the active sections, so DVC sees exactly which parameters changed and re-runs only
+    the stages that depend on them.
+    """
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    yaml_rt.width = 4096  # keep flow lists on one line
+    path = Path(path)
+    doc = yaml_rt.load(path.read_text())
+    profiles = doc.get("profiles") or {}
+    if name not in profiles:
+        raise ValueError(f"{path}: no profile {name!r}; profiles: {', '.join(profiles) or 'none'}")
+
+    def merge(target, source):
+        for key, value in source.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                merge(target[key], value)
+            else:
+                target[key] = copy.deepcopy(value)  # a shared node would be written as a YAML alias
+
+    for section, values in profiles[name].items():
+        merge(doc.setdefault(section, {}), values)
+    doc["profile"] = name
+    buffer = io.StringIO()
+    yaml_rt.dump(doc, buffer)
+    parse_params(yaml.safe_load(buffer.getvalue()))  # a bad profile raises here, before the file changes
+    path.write_text(buffer.getvalue())

@@ -108,8 +108,10 @@ def write_wav(path, wave: np.ndarray, sample_rate: int) -> None:
     storage.write_bytes(path, buffer.getvalue())
 
 
-def list_inputs(source) -> list[Path]:
-    """A video file, a folder of videos, or a CSV whose `path`/`video` column (or first) lists them."""
+def list_inputs(source, split: str | None = None) -> list[Path]:
+    """A video file, a folder of videos, or a CSV listing them: a `path`/`video`/`file` column (else the
+    first) relative to the CSV, or a dataset's metadata.csv (`clip_id` -> clips/<clip_id>.mp4).
+    `split` keeps the CSV rows of that split."""
     source = Path(source)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
@@ -122,9 +124,17 @@ def list_inputs(source) -> list[Path]:
         if not rows:
             raise ValueError(f"{source}: empty CSV")
         header = [h.strip().lower() for h in rows[0]]
-        column = next((header.index(c) for c in ("path", "video", "file") if c in header), None)
-        body = rows[1:] if column is not None else rows
-        return [(source.parent / row[column or 0].strip()) for row in body if row and row[column or 0].strip()]
+        named = next((c for c in ("path", "video", "file", "clip_id") if c in header), None)
+        body = rows[1:] if named else rows
+        column = header.index(named) if named else 0
+        if split is not None:
+            if "split" not in header:
+                raise ValueError(f"{source}: no split column to select {split!r} from")
+            body = [r for r in body if r[header.index("split")].strip() == split]
+        values = [r[column].strip() for r in body if len(r) > column and r[column].strip()]
+        if named == "clip_id":
+            return [source.parent / "clips" / f"{v}.mp4" for v in values]
+        return [source.parent / v for v in values]
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
     return [source]
@@ -140,9 +150,10 @@ class Result:
 
 
 def generate_files(source, outdir, checkpoint: str, sampling: SamplingConfig | None = None,
-                   seed: int = 0, device: str = "cpu", batch_size: int = 8, mux: bool = True) -> list[Result]:
+                   seed: int = 0, device: str = "cpu", batch_size: int = 8, mux: bool = True,
+                   split: str | None = None, limit: int | None = None) -> list[Result]:
     """Generate for every input; a bad input is reported and skipped, the rest still run."""
-    inputs = list_inputs(source)
+    inputs = list_inputs(source, split)[:limit]
     generator = VideoToAudio(checkpoint, device=device, batch_size=batch_size)
     sampling = sampling or generator.ckpt.sampling
     outdir = Path(outdir)

@@ -21,7 +21,8 @@ SD_V1_VAE = dict(
     block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
 )
-SMALL_VAE = dict(SD_V1_VAE, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+# 1M parameters: one block per level, narrow channels (full-resolution convolutions dominate on CPU)
+SMALL_VAE = dict(SD_V1_VAE, block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=16,
                  sample_size=128)
 VAE_CONFIGS = {"sd-v1": SD_V1_VAE, "small": SMALL_VAE}
 

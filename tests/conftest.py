@@ -55,7 +55,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 with a bucket, and the environment boto3 needs to reach it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)

@@ -86,6 +86,14 @@ def test_csv_input(tmp_path, untrained_checkpoint):
     assert (tmp_path / "out" / "a.wav").is_file() and (tmp_path / "out" / "a.mp4").is_file()
 
 
+def test_dataset_metadata_as_input(tmp_path):
+    from mdsgen.generate import list_inputs
+
+    (tmp_path / "metadata.csv").write_text("clip_id,start_seconds,label,split\na,0,dog,train\nb,0,cow,test\n")
+    assert list_inputs(tmp_path / "metadata.csv") == [tmp_path / "clips/a.mp4", tmp_path / "clips/b.mp4"]
+    assert list_inputs(tmp_path / "metadata.csv", split="test") == [tmp_path / "clips/b.mp4"]
+
+
 def test_bad_checkpoints_are_refused(tmp_path, untrained_checkpoint, bigbuckbunny):
     proc = run_generate(bigbuckbunny, "-o", tmp_path / "o", "--checkpoint", tmp_path / "absent")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr

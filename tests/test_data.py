@@ -1,0 +1,228 @@
+"""The embedded dataset, feature caches, VAE training, latents, and the DVC pipeline (ci profile)."""
+import collections
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from media import make_video, streams
+from mdsgen.audio import load_audio, wave_to_mel
+from mdsgen.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
+                            stamp_recording, stamp_sources)
+from mdsgen.features import extract_features, load_latents, load_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, cwd, env=None, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pipeline_env():
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the stages call `mdsgen`
+    return env
+
+
+@pytest.fixture(scope="session")
+def ci_repo(tmp_path_factory, pipeline_env):
+    """A copy of the project (its tracked files) as a fresh git repo, `dvc repro` run on the ci profile."""
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    run(["git", "init", "-q"], repo)
+    run([sys.executable, "-m", "mdsgen", "params", "use", "ci"], repo, pipeline_env)
+    proc = run(["dvc", "repro"], repo, pipeline_env)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "ci pipeline"], repo, pipeline_env)
+    return repo, proc.stdout
+
+
+# --- dataset --------------------------------------------------------------------------------------
+def test_ci_dataset_layout(ci_repo):
+    repo, _ = ci_repo
+    rows = read_metadata(repo / "data/dataset")
+    cfg = DatasetConfig(classes=("dog", "cow", "cello", "firetruck"), clips_per_class=6)
+    assert len(rows) == 24 and list(rows[0]) == ["clip_id", "start_seconds", "label", "split"]
+    assert collections.Counter(r["label"] for r in rows) == {c: 6 for c in cfg.classes}
+    splits = collections.Counter(r["split"] for r in rows)
+    assert splits["train"] >= 12 and splits["val"] >= 4 and splits["test"] >= 4
+    for row in rows[::5]:
+        kinds = streams(repo / "data/dataset/clips" / f"{row['clip_id']}.mp4")
+        assert [k[:2] for k in kinds] == [("video", "h264"), ("audio", "aac")]
+        assert all(abs(seconds - 8.192) < 0.08 for _, _, seconds in kinds)
+        import av
+
+        with av.open(str(repo / "data/dataset/clips" / f"{row['clip_id']}.mp4")) as c:
+            assert float(c.streams.video[0].average_rate) >= 16
+
+
+def test_onsets_agree_with_the_audio(ci_repo):
+    repo, _ = ci_repo
+    onsets = json.loads((repo / "data/dataset/onsets.json").read_text())
+    errors = []
+    for clip_id, truth in onsets.items():
+        assert 1 <= len(truth) <= 3
+        detected = detect_onsets(load_audio(repo / "data/dataset/clips" / f"{clip_id}.mp4"), 16000)
+        errors += [np.abs(detected - t).min() for t in truth]
+    errors = np.array(errors)
+    # every true onset has a detected one within 0.1 s, most within one 16 fps frame
+    assert errors.max() < 0.1 and np.median(errors) < 0.02 and (errors < 1 / 16).mean() > 0.9, errors
+
+
+def test_labels_map_to_their_recordings(ci_repo):
+    """The sound at each clip's first onset matches its own label's recording better than the others'."""
+    repo, _ = ci_repo
+    sources = json.loads((repo / "data/dataset/labels.json").read_text())
+    stamps = stamp_sources()
+    templates = {}
+    for label in sources:
+        wave = stamp_recording(str(stamps[label]), 16000)[:8192]
+        templates[label] = wave_to_mel(np.pad(wave, (0, 8192 - len(wave)))).mean(-1)
+    onsets = json.loads((repo / "data/dataset/onsets.json").read_text())
+    hits = 0
+    rows = read_metadata(repo / "data/dataset")
+    for row in rows:
+        wave = load_audio(repo / "data/dataset/clips" / f"{row['clip_id']}.mp4")
+        start = max(0, int((onsets[row["clip_id"]][0] - 0.05) * 16000))
+        profile = wave_to_mel(wave[start:start + 8192]).mean(-1)
+        nearest = min(templates, key=lambda label: (templates[label] - profile).abs().mean())
+        hits += nearest == row["label"]
+    assert hits >= 0.9 * len(rows), hits
+
+
+def test_rendering_is_seeded():
+    cfg = DatasetConfig(classes=("dog",), clips_per_class=1)
+    stamps = stamp_sources()
+    others = [str(stamps["cow"]), str(stamps["kettle"])]
+    a, b = (render_clip(cfg, "dog", str(stamps["dog"]), others, 3) for _ in range(2))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    c = render_clip(cfg, "dog", str(stamps["dog"]), others, 4)
+    assert c[2] != a[2]
+
+
+def test_missing_debian_package_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install tuxpaint-stamps-default"):
+        stamp_sources(tmp_path / "no-stamps")
+
+
+def test_import_reports_clips_that_do_not_decode(tmp_path, ci_repo, bigbuckbunny):
+    repo, _ = ci_repo
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    first = read_metadata(repo / "data/dataset")[0]["clip_id"]
+    shutil.copy(repo / "data/dataset/clips" / f"{first}.mp4", videos / "goodclip_000030.mp4")
+    (videos / "broken_000010.mp4").write_bytes(bigbuckbunny.read_bytes()[:100_000])
+    (tmp_path / "vgg.csv").write_text("goodclip,30,dog barking,train\nbroken,10,cat,test\nmissing,0,cow,train\n")
+    rows, failures = import_vggsound(tmp_path / "vgg.csv", videos, tmp_path / "imported")
+    assert [r["clip_id"] for r in rows] == ["goodclip_000030"]
+    assert (tmp_path / "imported/clips/goodclip_000030.mp4").is_file()
+    reasons = {f["clip_id"]: f["reason"] for f in failures}
+    assert set(reasons) == {"broken_000010", "missing_000000"}
+    assert "cannot be opened" in reasons["broken_000010"] and "no video file" in reasons["missing_000000"]
+    report = json.loads((tmp_path / "imported/import_report.json").read_text())
+    assert report["imported"] == 1 and len(report["failed"]) == 2
+    assert read_metadata(tmp_path / "imported")[0]["label"] == "dog barking"
+
+
+# --- features and latents ---------------------------------------------------------------------------
+def test_feature_files(ci_repo):
+    repo, _ = ci_repo
+    rows = read_metadata(repo / "data/dataset")
+    index = json.loads((repo / "data/features/index.json").read_text())
+    assert set(index) == {r["clip_id"] for r in rows}
+    arrays = load_npz(repo / "data/features" / f"{rows[0]['clip_id']}.npz")
+    assert arrays["features"].shape == (32, 1280) and arrays["features"].dtype == np.float32
+    assert np.allclose(np.linalg.norm(arrays["features"], axis=1), 1, atol=1e-4)
+    assert arrays["mel"].shape == (128, 512) and arrays["mel"].dtype == np.float32
+    assert 0 <= arrays["mel"].min() and arrays["mel"].max() <= 1
+
+
+def test_features_are_deterministic_and_incremental(tmp_path, ci_repo):
+    repo, _ = ci_repo
+    mini = tmp_path / "mini"
+    (mini / "clips").mkdir(parents=True)
+    rows = read_metadata(repo / "data/dataset")[:3]
+    for row in rows:
+        shutil.copy(repo / "data/dataset/clips" / f"{row['clip_id']}.mp4", mini / "clips")
+    from mdsgen.dataset import write_metadata
+
+    write_metadata(mini, rows)
+    spec = {"name": "efficientnet-lite0"}
+    first = extract_features(mini, tmp_path / "f", spec, workers=1)
+    assert first == {"computed": 3, "reused": 0, "removed": 0, "failed": []}
+    for row in rows:  # the same numbers as the pipeline's own run
+        ours, theirs = (load_npz(d / f"{row['clip_id']}.npz") for d in (tmp_path / "f", repo / "data/features"))
+        assert np.allclose(ours["features"], theirs["features"], atol=1e-5)
+        assert np.array_equal(ours["mel"], theirs["mel"])
+    assert extract_features(mini, tmp_path / "f", spec, workers=1)["computed"] == 0
+    make_video(mini / "clips" / f"{rows[0]['clip_id']}.mp4", seconds=8.0, fps=16)  # a clip changes
+    write_metadata(mini, rows[:2])  # another leaves the dataset
+    again = extract_features(mini, tmp_path / "f", spec, workers=1)
+    assert again == {"computed": 1, "reused": 1, "removed": 1, "failed": []}
+    assert not (tmp_path / "f" / f"{rows[2]['clip_id']}.npz").exists()
+
+
+def test_vae_stage_learned_and_latents_match(ci_repo):
+    repo, _ = ci_repo
+    metrics = json.loads((repo / "reports/vae-metrics.json").read_text())
+    assert metrics["train_l1_last"] < 0.7 * metrics["train_l1_first"]  # a few steps reduce the loss
+    assert metrics["val_mel_l1"] < metrics["val_mel_l1_of_mean_mel"]  # and it beats the mean mel on val
+    assert (repo / "reports/vae/mels.png").is_file() and len(list((repo / "reports/vae").glob("*.wav"))) == 6
+    train = load_latents(repo / "data/latents", "train")
+    rows = [r for r in read_metadata(repo / "data/dataset") if r["split"] == "train"]
+    assert train["clip_ids"] == [r["clip_id"] for r in rows]
+    assert train["latents"].shape == (len(rows), 4, 16, 64) and train["features"].shape == (len(rows), 32, 1280)
+    assert 0.7 < train["latents"].std().item() < 1.3  # the saved scale gives unit-variance latents
+
+
+# --- DVC --------------------------------------------------------------------------------------------
+def test_changing_a_parameter_reruns_only_what_depends_on_it(ci_repo, pipeline_env):
+    repo, first_run = ci_repo
+    for stage in ("dataset", "features", "train_vae", "encode"):
+        assert f"Running stage '{stage}'" in first_run
+    status = run(["dvc", "status"], repo, pipeline_env).stdout
+    assert "up to date" in status
+    params = (repo / "params.yaml").read_text().replace("kl_weight: 1.0e-06", "kl_weight: 2.0e-06")
+    (repo / "params.yaml").write_text(params)
+    changed = run(["dvc", "status"], repo, pipeline_env).stdout
+    assert "train_vae" in changed and "dataset:" not in changed and "features:" not in changed
+    run(["git", "checkout", "params.yaml"], repo)
+    assert "up to date" in run(["dvc", "status"], repo, pipeline_env).stdout
+
+
+def _digests(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline_env):
+    repo, _ = ci_repo
+    env = dict(pipeline_env, **{k: os.environ[k] for k in
+                                ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    run(["dvc", "remote", "add", "-f", "-d", "s3", f"{s3_server}/dvc"], repo, env)
+    run(["dvc", "remote", "modify", "s3", "endpointurl", env["AWS_ENDPOINT_URL"]], repo, env)
+    run(["dvc", "push"], repo, env)
+    run(["git", "commit", "-qam", "s3 remote"], repo, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    assert not (clone / "data").exists()
+    run(["dvc", "pull"], clone, env)
+    for out in ("data/dataset", "data/features", "models/vae", "data/latents"):
+        assert _digests(clone / out) == _digests(repo / out), out
+    assert "up to date" in run(["dvc", "status"], clone, env).stdout
