@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .audio import load_audio
 from .errors import MediaError
+from .video import encode_aac
 from .samples import TUXPAINT_STAMPS
 
 METADATA_FIELDS = ["clip_id", "start_seconds", "label", "split"]
@@ -223,12 +224,7 @@ def write_clip(path: Path, video: np.ndarray, audio: np.ndarray, fps: int, sampl
             frame.pts = i
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
-        for start in range(0, len(audio), 1024):
-            chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[None, start:start + 1024]),
-                                               format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = sample_rate, start
-            out.mux(sound.encode(chunk))
-        out.mux(sound.encode(None))
+        out.mux(encode_aac(sound, audio, sample_rate))
     tmp.replace(path)
 
 

@@ -21,6 +21,7 @@ from .encoders import build_frame_encoder
 from .errors import MediaError
 from .video import VideoWindows, frames_to_tensor, mux_audio, muxed_suffix, read_video_windows
 
+FRAME_CHUNK = 64  # frames converted and encoded at a time
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp"}
 
 
@@ -50,7 +51,9 @@ class VideoToAudio:
     @torch.inference_mode()
     def features(self, windows: VideoWindows) -> torch.Tensor:
         """Frame features [windows, 32, F]: each 4 fps frame is encoded once, however many windows share it."""
-        feats = self.encoder(frames_to_tensor(windows.grid).to(self.device)[None])[0]
+        chunks = [self.encoder(frames_to_tensor(part).to(self.device)[None])[0]  # bounded memory for long videos
+                  for part in np.array_split(windows.grid, max(1, len(windows.grid) // FRAME_CHUNK))]
+        feats = torch.cat(chunks)
         return torch.stack([feats[s] for s in windows.slices()])
 
     @torch.inference_mode()

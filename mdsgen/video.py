@@ -160,7 +160,7 @@ def mux_audio(video_path, wave: np.ndarray, sample_rate: int, out_path) -> Path:
             with av.open(str(tmp), "w") as sink:
                 out_video = sink.add_stream_from_template(in_video)
                 out_audio = sink.add_stream("aac", rate=sample_rate, layout="mono")
-                audio_packets = _encode_aac(out_audio, wave, sample_rate, video_start)
+                audio_packets = encode_aac(out_audio, wave, sample_rate, video_start)
                 _interleave(sink, source.demux(in_video), out_video, audio_packets)
             tmp.replace(out_path)
         finally:
@@ -168,7 +168,8 @@ def mux_audio(video_path, wave: np.ndarray, sample_rate: int, out_path) -> Path:
     return out_path
 
 
-def _encode_aac(stream, wave: np.ndarray, sample_rate: int, start_seconds: float) -> list:
+def encode_aac(stream, wave: np.ndarray, sample_rate: int, start_seconds: float = 0.0) -> list:
+    """Mono float samples -> AAC packets of `stream`, timed from `start_seconds`."""
     offset = round(start_seconds * sample_rate)
     samples = np.ascontiguousarray(wave.astype(np.float32).reshape(1, -1))
     packets = []

@@ -6,6 +6,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from mdsgen.video import encode_aac
+
 
 def frame_level(index: int) -> int:
     """The grey level of frame `index` in `make_video` files: frames are told apart by brightness."""
@@ -32,12 +34,7 @@ def make_video(path, seconds: float = 3.0, fps: int = 10, size=(160, 120), codec
         out.mux(video.encode(None))
         if sound is not None:
             t = np.arange(round(seconds * sample_rate)) / sample_rate
-            wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-            for start in range(0, len(wave), 1024):
-                chunk = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts = sample_rate, start
-                out.mux(sound.encode(chunk))
-            out.mux(sound.encode(None))
+            out.mux(encode_aac(sound, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sample_rate))
     return path
 
 
@@ -45,11 +42,7 @@ def make_audio_only(path, seconds: float = 2.0, sample_rate: int = 22050) -> Pat
     with av.open(str(path), "w", format="mp4") as out:
         sound = out.add_stream("aac", rate=sample_rate, layout="mono")
         wave = (0.3 * np.sin(2 * np.pi * 330 * np.arange(round(seconds * sample_rate)) / sample_rate)).astype(np.float32)
-        for start in range(0, len(wave), 1024):
-            chunk = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = sample_rate, start
-            out.mux(sound.encode(chunk))
-        out.mux(sound.encode(None))
+        out.mux(encode_aac(sound, wave, sample_rate))
     return Path(path)
 
 
