@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import storage
 from .errors import CheckpointError, MediaError
 
 
@@ -20,9 +21,10 @@ def cmd_generate(args) -> int:
         sampling = SamplingConfig(steps=args.steps or base.steps,
                                   cfg_scale=base.cfg_scale if args.cfg is None else args.cfg,
                                   cfg_power=base.cfg_power, solver_order=base.solver_order)
-        results = generate_files(args.input, args.output, ckpt, sampling, seed=args.seed, device=args.device,
-                                 batch_size=args.batch_size, mux=not args.no_mux, split=args.split,
-                                 limit=args.limit)
+        with storage.staged_output(args.output) as outdir:
+            results = generate_files(storage.local_input(args.input), outdir, ckpt, sampling, seed=args.seed,
+                                     device=args.device, batch_size=args.batch_size, mux=not args.no_mux,
+                                     split=args.split, limit=args.limit)
     except (CheckpointError, MediaError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -80,7 +82,8 @@ def cmd_dataset_build(args) -> int:
     from .config import load_params
     from .dataset import build_dataset
 
-    rows = build_dataset(load_params(args.params).dataset, args.out)
+    with storage.staged_output(args.out) as out:
+        rows = build_dataset(load_params(args.params).dataset, out)
     print(f"{len(rows)} clips in {args.out}")
     return 0
 
@@ -88,7 +91,8 @@ def cmd_dataset_build(args) -> int:
 def cmd_dataset_import(args) -> int:
     from .dataset import import_vggsound
 
-    rows, failures = import_vggsound(args.csv, args.videos, args.out)
+    with storage.staged_output(args.out) as out:
+        rows, failures = import_vggsound(storage.local_input(args.csv), storage.local_input(args.videos), out)
     print(f"{len(rows)} clips imported into {args.out}; {len(failures)} skipped (see import_report.json)")
     return 0 if rows else 1
 
@@ -98,8 +102,9 @@ def cmd_features(args) -> int:
     from .features import extract_features
 
     p = load_params(args.params)
-    result = extract_features(args.dataset, args.out, p.frame_encoder, p.audio, p.video,
-                              workers=args.workers or p.features["workers"])
+    with storage.staged_output(args.out) as out:
+        result = extract_features(storage.local_input(args.dataset), out, p.frame_encoder, p.audio, p.video,
+                                  workers=args.workers or p.features["workers"])
     print(f"features: {result['computed']} computed, {result['reused']} reused, {result['removed']} removed, "
           f"{len(result['failed'])} failed")
     return 0
@@ -110,7 +115,8 @@ def cmd_train_vae(args) -> int:
     from .vae_train import train_vae
 
     p = load_params(args.params)
-    metrics = train_vae(args.dataset, args.features, args.out, args.report, p.vae_train, p.audio, p.vae)
+    metrics = train_vae(storage.local_input(args.dataset), storage.local_input(args.features), args.out,
+                        args.report, p.vae_train, p.audio, p.vae)
     Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
     Path(args.metrics).write_text(json.dumps(metrics, indent=2))
     print(f"VAE saved to {args.out}: val mel L1 {metrics['val_mel_l1']:.4f} "
@@ -122,7 +128,9 @@ def cmd_encode(args) -> int:
     from .features import encode_latents
     from .vae import load_vae
 
-    counts = encode_latents(args.dataset, args.features, load_vae(args.vae).eval(), args.out)
+    with storage.staged_output(args.out) as out:
+        counts = encode_latents(storage.local_input(args.dataset), storage.local_input(args.features),
+                                load_vae(args.vae).eval(), out)
     print("latents: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
     return 0
 

@@ -161,3 +161,33 @@ def local_dir(uri: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+@contextlib.contextmanager
+def staged_output(uri: str | os.PathLike) -> Iterator[Path]:
+    """A local folder to write `uri`'s content into: the folder itself, or for an S3 prefix a temporary
+    copy of what is already there (so incremental steps see it), uploaded when the block succeeds."""
+    if not is_s3(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="mdsgen-out-") as tmp:
+        if exists(uri):
+            shutil.copytree(local_dir(uri), tmp, dirs_exist_ok=True)
+        yield Path(tmp)
+        upload_dir(tmp, str(uri))
+
+
+def local_input(uri: str | os.PathLike) -> Path:
+    """A local path for an input file or folder: itself, or a cached download of the S3 object/prefix."""
+    if not is_s3(uri):
+        return Path(uri)
+    bucket, key = split_s3(str(uri))
+    listing = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=2)
+    keys = [o["Key"] for o in listing.get("Contents", [])]
+    if keys == [key]:  # a single object
+        target = cache_dir() / "s3-files" / hashlib.sha256(str(uri).encode()).hexdigest()[:20] / Path(key).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(target, read_bytes(uri))
+        return target
+    return local_dir(uri)
