@@ -115,3 +115,19 @@ def test_bad_configs_are_named():
         MDSGenConfig(mask_strategy="random")
     with pytest.raises(ValueError, match="size"):
         config_for("XL")
+
+
+def test_models_command_lists_every_size_as_json():
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mdsgen", "models", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["size"]: r for r in json.loads(proc.stdout)}
+    assert list(rows) == ["T", "S", "B", "L"]
+    for size in "SBL":
+        assert abs(rows[size]["ratio_to_paper"] - 1) < 0.03
+    assert all(r["params_training"] > r["params_inference"] for r in rows.values())
+    assert rows["L"]["depth"] == 24 and rows["T"]["hidden_size"] == 192
