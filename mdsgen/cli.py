@@ -12,22 +12,14 @@ from .errors import CheckpointError, MediaError
 
 def cmd_generate(args) -> int:
     from .checkpoint import load_checkpoint
-    from .diffusion import SamplingConfig
-    from .generate import generate_files
+    from .generate import generate_files, with_overrides
 
-    try:
-        ckpt = load_checkpoint(args.checkpoint, args.device)
-        base = ckpt.sampling
-        sampling = SamplingConfig(steps=args.steps or base.steps,
-                                  cfg_scale=base.cfg_scale if args.cfg is None else args.cfg,
-                                  cfg_power=base.cfg_power, solver_order=base.solver_order)
-        with storage.staged_output(args.output) as outdir:
-            results = generate_files(storage.local_input(args.input), outdir, ckpt, sampling, seed=args.seed,
-                                     device=args.device, batch_size=args.batch_size, mux=not args.no_mux,
-                                     split=args.split, limit=args.limit)
-    except (CheckpointError, MediaError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    ckpt = load_checkpoint(args.checkpoint, args.device)
+    sampling = with_overrides(ckpt.sampling, steps=args.steps, cfg_scale=args.cfg)
+    with storage.staged_output(args.output) as outdir:
+        results = generate_files(storage.local_input(args.input), outdir, ckpt, sampling, seed=args.seed,
+                                 device=args.device, batch_size=args.batch_size, mux=not args.no_mux,
+                                 split=args.split, limit=args.limit)
     done = [r for r in results if not r.error]
     for r in done:
         print(f"{r.input} -> {r.wav}" + (f", {r.video}" if r.video else "") + f" ({r.seconds:.1f} s)")
@@ -135,6 +127,14 @@ def cmd_encode(args) -> int:
     return 0
 
 
+DATASET_DIR, FEATURES_DIR = "data/dataset", "data/features"
+
+
+def add_data_dirs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", nargs="?", default=DATASET_DIR)
+    p.add_argument("features", nargs="?", default=FEATURES_DIR)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdsgen", description="Video-to-audio generation with MDSGen")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,25 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = sub.add_parser("dataset", help="build the embedded dataset or import VGGSound-style data")
     dsub = dataset.add_subparsers(dest="dataset_command", required=True)
     p = dsub.add_parser("build", help="render the embedded dataset from Tux Paint's pictures and recordings")
-    p.add_argument("--out", default="data/dataset")
+    p.add_argument("--out", default=DATASET_DIR)
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_dataset_build)
     p = dsub.add_parser("import", help="import clips listed in a VGGSound CSV")
     p.add_argument("--csv", required=True, help="youtube_id, start_seconds, label, split")
     p.add_argument("--videos", required=True, help="folder with the video files")
-    p.add_argument("--out", default="data/dataset")
+    p.add_argument("--out", default=DATASET_DIR)
     p.set_defaults(func=cmd_dataset_import)
 
     p = sub.add_parser("features", help="frame features and mels per clip (incremental)")
-    p.add_argument("dataset", nargs="?", default="data/dataset")
-    p.add_argument("out", nargs="?", default="data/features")
+    p.add_argument("dataset", nargs="?", default=DATASET_DIR)
+    p.add_argument("out", nargs="?", default=FEATURES_DIR)
     p.add_argument("--workers", type=int)
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("train-vae", help="train the small mel VAE (or adopt vae.path)")
-    p.add_argument("dataset", nargs="?", default="data/dataset")
-    p.add_argument("features", nargs="?", default="data/features")
+    add_data_dirs(p)
     p.add_argument("--out", default="models/vae")
     p.add_argument("--report", default="reports/vae", help="mels PNG and WAVs to listen to")
     p.add_argument("--metrics", default="reports/vae-metrics.json")
@@ -201,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_vae)
 
     p = sub.add_parser("encode", help="mel -> VAE latents per split, for training")
-    p.add_argument("dataset", nargs="?", default="data/dataset")
-    p.add_argument("features", nargs="?", default="data/features")
+    add_data_dirs(p)
     p.add_argument("--vae", default="models/vae")
     p.add_argument("--out", default="data/latents")
     p.set_defaults(func=cmd_encode)

@@ -116,17 +116,16 @@ def attack_offset(stem: str, sample_rate: int) -> float:
 
 
 # --- one clip ------------------------------------------------------------------------------------
-def _place_events(rng, count: int, lengths: list[float], clip_seconds: float) -> list[float]:
-    """Non-overlapping onsets (0.4 s apart at least), or fewer when they do not fit."""
+def _place_events(rng, count: int, length: float, clip_seconds: float) -> list[float]:
+    """Sorted onsets of `count` events of `length` seconds, 0.4 s apart at least (fewer if they do not fit)."""
     onsets = []
-    for length in lengths[:count]:
+    for _ in range(count):
         for _ in range(50):
             start = rng.uniform(0.2, max(0.25, clip_seconds - length - 0.1))
-            if all(start + length + 0.4 <= o or start >= o + lengths[i] + 0.4 for i, o in enumerate(onsets)):
+            if all(abs(start - o) >= length + 0.4 for o in onsets):
                 onsets.append(start)
                 break
-    order = np.argsort(onsets)
-    return [onsets[i] for i in order], [lengths[i] for i in order]
+    return sorted(onsets)
 
 
 def _background(rng, size: int) -> Image.Image:
@@ -160,18 +159,14 @@ def render_clip(cfg: DatasetConfig, label: str, stem: str, others: list[str], in
     recording = stamp_recording(stem, sr)
 
     count = int(rng.integers(cfg.min_events, cfg.max_events + 1))
-    segments = []
-    for _ in range(count):
-        longest = min(len(recording), int(cfg.max_event_seconds * sr))
-        segment = recording[:longest].copy()
-        fade = min(len(segment), int(0.05 * sr))
-        segment[len(segment) - fade:] *= np.linspace(1, 0, fade)
-        segments.append(segment * rng.uniform(0.5, 1.0))
-    onsets, _ = _place_events(rng, count, [len(s) / sr for s in segments], clip_seconds)
+    segment = recording[:min(len(recording), int(cfg.max_event_seconds * sr))].copy()
+    fade = min(len(segment), int(0.05 * sr))
+    segment[len(segment) - fade:] *= np.linspace(1, 0, fade)
+    onsets = _place_events(rng, count, len(segment) / sr, clip_seconds)
     events_only = np.zeros(cfg.clip_samples, dtype=np.float32)
-    for onset, segment in zip(onsets, segments):
+    for onset in onsets:
         begin = int(round(onset * sr))
-        part = segment[:cfg.clip_samples - begin]
+        part = segment[:cfg.clip_samples - begin] * rng.uniform(0.5, 1.0)
         events_only[begin:begin + len(part)] += part
     noise_floor = 10 ** (rng.uniform(-70, -50) / 20)
     audio = events_only + rng.normal(0, noise_floor, cfg.clip_samples).astype(np.float32)

@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .diffusion import SamplingConfig, sample
 from .encoders import build_frame_encoder
 from .errors import MediaError
-from .video import VideoWindows, frames_to_tensor, mux_audio, muxed_suffix, read_video_windows
+from .video import VideoWindows, frames_to_tensor, mux_audio, read_video_windows
 
 FRAME_CHUNK = 64  # frames converted and encoded at a time
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp"}
@@ -169,8 +169,7 @@ def generate_files(source, outdir, checkpoint: str, sampling: SamplingConfig | N
             result.wav = outdir / f"{path.stem}.wav"
             write_wav(result.wav, track.wave, track.sample_rate)
             if mux:
-                result.video = mux_audio(path, track.wave, track.sample_rate,
-                                         outdir / f"{path.stem}{muxed_suffix(path)}")
+                result.video = mux_audio(path, track.wave, track.sample_rate, outdir / path.stem)
         except MediaError as err:
             result.error = str(err)
         except Exception as err:  # one broken file must not stop a batch; say what broke

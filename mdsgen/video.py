@@ -93,7 +93,14 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        start, current = None, None
+        start, current, current_rgb = None, None, None
+
+        def shown():  # each decoded frame is converted once, however many grid times it covers
+            nonlocal current_rgb
+            if current_rgb is None:
+                current_rgb = _to_rgb(current, cfg.frame_size)
+            return current_rgb
+
         try:
             for frame in container.decode(stream):
                 if frame.time is None:
@@ -104,8 +111,8 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
                 # the frame on screen at grid time k / fps is the last one that started by then
                 # (within a millisecond: Matroska and WebM store times in whole milliseconds)
                 while current is not None and len(grid) / cfg.fps < t - TIME_TOLERANCE:
-                    grid.append(_to_rgb(current, cfg.frame_size))
-                current = frame
+                    grid.append(shown())
+                current, current_rgb = frame, None
                 end_time = t + _frame_duration(stream)
         except av.error.FFmpegError as err:
             if current is None:
@@ -114,7 +121,7 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
         if current is None:
             raise MediaError(path, "video stream has no decodable frames")
         while len(grid) / cfg.fps < end_time - TIME_TOLERANCE:
-            grid.append(_to_rgb(current, cfg.frame_size))
+            grid.append(shown())
     real = len(grid)
     count = window_count(end_time, clip_seconds, cfg.hop_seconds)
     needed = (count - 1) * cfg.hop_frames + cfg.frames_per_window
@@ -139,22 +146,18 @@ def frames_to_tensor(frames: np.ndarray):
 MP4_VIDEO_CODECS = {"h264", "hevc", "mpeg4", "av1", "vp9", "mjpeg", "mpeg2video", "mpeg1video"}
 
 
-def muxed_suffix(video_path) -> str:
-    with _open_video(video_path) as container:
-        codec = container.streams.video[0].codec_context.name
-    return ".mp4" if codec in MP4_VIDEO_CODECS else ".mkv"
-
-
-def mux_audio(video_path, wave: np.ndarray, sample_rate: int, out_path) -> Path:
-    """Write `out_path`: the input's video stream copied packet for packet, plus `wave` as AAC.
+def mux_audio(video_path, wave: np.ndarray, sample_rate: int, out_stem) -> Path:
+    """Write `out_stem` + .mp4 (or .mkv for codecs MP4 cannot hold): the input's video stream copied
+    packet for packet, plus `wave` as AAC. Returns the path written.
 
     The audio starts at the first video frame, as the windows do. Packets of both streams are
     interleaved by time. The file appears under its name only when complete.
     """
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
     with _open_video(video_path) as source:
         in_video = source.streams.video[0]
+        suffix = ".mp4" if in_video.codec_context.name in MP4_VIDEO_CODECS else ".mkv"
+        out_path = Path(f"{out_stem}{suffix}")
+        tmp = out_path.with_name(f".{out_path.stem}.partial{suffix}")
         video_start = float((in_video.start_time or 0) * in_video.time_base)
         try:
             with av.open(str(tmp), "w") as sink:

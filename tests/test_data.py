@@ -75,9 +75,11 @@ def test_ci_dataset_layout(ci_repo):
 def test_onsets_agree_with_the_audio(ci_repo):
     repo, _ = ci_repo
     onsets = json.loads((repo / "data/dataset/onsets.json").read_text())
+    # 1 to 3 events per clip, and the count really varies (timing is not a constant cue)
+    counts = collections.Counter(len(truth) for truth in onsets.values())
+    assert set(counts) <= {1, 2, 3} and len(counts) >= 2, counts
     errors = []
     for clip_id, truth in onsets.items():
-        assert 1 <= len(truth) <= 3
         detected = detect_onsets(load_audio(repo / "data/dataset/clips" / f"{clip_id}.mp4"), 16000)
         errors += [np.abs(detected - t).min() for t in truth]
     errors = np.array(errors)
