@@ -4,17 +4,43 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import storage
 from .errors import CheckpointError, MediaError
 
 
+def write_json(path, values: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(values, indent=2) + "\n")
+
+
+def resolve_model(uri: str, params_path: str = "params.yaml") -> str:
+    """A checkpoint folder for a checkpoint URI or a `models:/name@alias` registry URI."""
+    if not uri.startswith(("models:/", "runs:/")):
+        return uri
+    from .registry import resolve_checkpoint
+
+    use_mlflow(params_path)
+    return resolve_checkpoint(uri)
+
+
+def use_mlflow(params_path: str):
+    from .config import load_params
+    from .tracking import use_tracking
+
+    p = load_params(params_path) if Path(params_path).is_file() else None
+    settings = p.mlflow if p else {"tracking_uri": None, "experiment": "mdsgen"}
+    use_tracking(settings.get("tracking_uri"), settings["experiment"])
+    return p
+
+
 def cmd_generate(args) -> int:
     from .checkpoint import load_checkpoint
     from .generate import generate_files, with_overrides
 
-    ckpt = load_checkpoint(args.checkpoint, args.device)
+    ckpt = load_checkpoint(resolve_model(args.checkpoint or args.model, args.params), args.device)
     sampling = with_overrides(ckpt.sampling, steps=args.steps, cfg_scale=args.cfg)
     with storage.staged_output(args.output) as outdir:
         results = generate_files(storage.local_input(args.input), outdir, ckpt, sampling, seed=args.seed,
@@ -109,8 +135,7 @@ def cmd_train_vae(args) -> int:
     p = load_params(args.params)
     metrics = train_vae(storage.local_input(args.dataset), storage.local_input(args.features), args.out,
                         args.report, p.vae_train, p.audio, p.vae)
-    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(metrics, indent=2))
+    write_json(args.metrics, metrics)
     print(f"VAE saved to {args.out}: val mel L1 {metrics['val_mel_l1']:.4f} "
           f"(mean-mel baseline {metrics['val_mel_l1_of_mean_mel']:.4f}), scale {metrics['scaling_factor']:.4f}")
     return 0
@@ -124,6 +149,82 @@ def cmd_encode(args) -> int:
         counts = encode_latents(storage.local_input(args.dataset), storage.local_input(args.features),
                                 load_vae(args.vae).eval(), out)
     print("latents: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_params
+    from .train import train
+
+    p = load_params(args.params)
+    if args.steps:
+        p.train = replace(p.train, steps=args.steps)
+    metrics = train(p, storage.local_input(args.latents), storage.local_input(args.vae), args.out, args.state,
+                    device=args.device)
+    if metrics:  # rank 0 of a torchrun job, or a single process
+        write_json(args.metrics, metrics)
+        print(f"trained {metrics['steps']} steps (loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}); "
+              f"checkpoint in {args.out}; MLflow run {metrics['mlflow_run_id']}")
+    return 0
+
+
+def cmd_train_align(args) -> int:
+    from .align import train_align
+    from .config import load_params
+
+    p = load_params(args.params)
+    metrics = train_align(storage.local_input(args.dataset), storage.local_input(args.features), args.out, p.align,
+                          p.audio.hop_length / p.audio.sample_rate)
+    write_json(args.metrics, metrics)
+    print(f"alignment classifier saved to {args.out}: val accuracy {metrics['val_accuracy']:.3f} "
+          f"(real pairs judged aligned {metrics['val_real_judged_aligned']:.3f}, "
+          f"negatives rejected {metrics['val_negatives_rejected']:.3f})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .evaluate import evaluate, log_to_mlflow, markdown_table, write_report
+
+    p = use_mlflow(args.params)
+    ckpt = load_checkpoint(resolve_model(args.checkpoint or args.model, args.params), args.device)
+    result = evaluate(ckpt, storage.local_input(args.dataset), storage.local_input(args.latents),
+                      storage.local_input(args.align), p.evaluate, p.sampling, args.device)
+    summary = write_report(result, args.out)
+    write_json(args.metrics, summary)
+    run_id = json.loads(Path(args.train_metrics).read_text())["mlflow_run_id"] \
+        if args.train_metrics and Path(args.train_metrics).is_file() else None
+    logged = log_to_mlflow(summary, args.out, run_id)
+    print(markdown_table(result))
+    print(f"report in {args.out}; logged to MLflow run {logged}")
+    return 0
+
+
+def cmd_register(args) -> int:
+    from .registry import register
+
+    p = use_mlflow(args.params)
+    run_id = json.loads(Path(args.train_metrics).read_text())["mlflow_run_id"] \
+        if args.train_metrics and Path(args.train_metrics).is_file() else None
+    evaluation = json.loads(Path(args.evaluation).read_text())
+    info = register(args.checkpoint, evaluation, p.mlflow["registered_model"], run_id,
+                    tags={"profile": p.profile})
+    if args.out:
+        write_json(args.out, info)
+    print(f"registered {info['name']} version {info['version']} as {info['alias']} ({info['model_uri']})")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from .registry import promote
+
+    p = use_mlflow(args.params)
+    decision = promote(p.mlflow["registered_model"], p.mlflow["gate"], force=args.force)
+    if args.out:
+        write_json(args.out, decision)
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    print(f"{decision['name']} version {decision['challenger']}: {verdict} ({decision['reason']}); "
+          f"champion is version {decision['champion']}")
     return 0
 
 
@@ -142,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="give videos a generated soundtrack (WAV + muxed video)")
     p.add_argument("input", help="a video file, a folder of videos, or a CSV listing them")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or s3:// prefix")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint folder or s3:// prefix")
+    source.add_argument("--model", help="a registered model, e.g. models:/mdsgen@champion")
+    p.add_argument("--params", default="params.yaml", help="for the MLflow store of --model")
     p.add_argument("--steps", type=int, help="DPM-Solver++ steps (default: the checkpoint's, 25)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -204,6 +308,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default="models/vae")
     p.add_argument("--out", default="data/latents")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("train", help="train the denoiser on the latent cache (resumes; torchrun for DDP)")
+    p.add_argument("latents", nargs="?", default="data/latents")
+    p.add_argument("--vae", default="models/vae")
+    p.add_argument("--out", default="models/mdsgen", help="the final checkpoint (EMA weights)")
+    p.add_argument("--state", default="runs/train-state", help="resumable training state")
+    p.add_argument("--metrics", default="reports/train-metrics.json")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-align", help="train the audio-visual alignment classifier used by evaluate")
+    add_data_dirs(p)
+    p.add_argument("--out", default="models/align")
+    p.add_argument("--metrics", default="reports/align-metrics.json")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_train_align)
+
+    p = sub.add_parser("evaluate", help="score a generator and the references on the test split")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default="models/mdsgen")
+    source.add_argument("--model", help="a registered model, e.g. models:/mdsgen@champion")
+    p.add_argument("--dataset", default=DATASET_DIR)
+    p.add_argument("--latents", default="data/latents")
+    p.add_argument("--align", default="models/align")
+    p.add_argument("--out", default="reports/eval", help="report folder: table, plots, WAVs")
+    p.add_argument("--metrics", default="reports/eval-metrics.json")
+    p.add_argument("--train-metrics", default="reports/train-metrics.json", help="holds the MLflow run to log into")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("register", help="register a checkpoint in the MLflow registry as the challenger")
+    p.add_argument("checkpoint", nargs="?", default="models/mdsgen")
+    p.add_argument("--evaluation", default="reports/eval-metrics.json")
+    p.add_argument("--train-metrics", default="reports/train-metrics.json")
+    p.add_argument("--out", default="reports/registry.json")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("promote", help="make the challenger the champion if it passes the gate")
+    p.add_argument("--force", action="store_true", help="promote without the gate (logged as forced)")
+    p.add_argument("--out", default="reports/promotion.json")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_promote)
     return parser
 
 

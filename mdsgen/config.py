@@ -16,6 +16,12 @@ from .vae_train import VAETrainConfig
 from .video import VideoConfig
 
 
+MLFLOW_DEFAULTS = {"tracking_uri": None, "experiment": "mdsgen", "registered_model": "mdsgen",
+                   "gate": {"frechet_distance": "lower", "onset_f1": "higher"}}
+EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8}
+ALIGN_DEFAULTS = {"steps": 600, "batch_size": 32, "lr": 1e-3, "max_shift_seconds": 2.0, "seed": 0}
+
+
 @dataclass
 class Params:
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -28,6 +34,9 @@ class Params:
     vae: dict = field(default_factory=lambda: {"config": "small", "decode_channel": 1, "path": None})
     frame_encoder: dict = field(default_factory=lambda: {"name": "efficientnet-lite0"})
     features: dict = field(default_factory=lambda: {"workers": 2})
+    mlflow: dict = field(default_factory=lambda: copy.deepcopy(MLFLOW_DEFAULTS))
+    evaluate: dict = field(default_factory=lambda: dict(EVALUATE_DEFAULTS))
+    align: dict = field(default_factory=lambda: dict(ALIGN_DEFAULTS))
     profile: str = "default"
 
 
@@ -38,6 +47,13 @@ def _typed(cls, values: dict | None, section: str):
     if unknown:
         raise ValueError(f"params.yaml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
     return cls(**values)
+
+
+def _section(defaults: dict, values: dict | None, section: str) -> dict:
+    unknown = set(values or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"params.yaml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**copy.deepcopy(defaults), **(values or {})}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -57,6 +73,9 @@ def parse_params(raw: dict) -> Params:
         model=dict(Params().model, **(raw.get("model") or {})),
         vae=dict(Params().vae, **(raw.get("vae") or {})),
         frame_encoder=dict(raw.get("frame_encoder") or Params().frame_encoder),
+        mlflow=_section(MLFLOW_DEFAULTS, raw.get("mlflow"), "mlflow"),
+        evaluate=_section(EVALUATE_DEFAULTS, raw.get("evaluate"), "evaluate"),
+        align=_section(ALIGN_DEFAULTS, raw.get("align"), "align"),
     )
 
 

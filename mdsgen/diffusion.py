@@ -41,33 +41,43 @@ def add_noise(x0, noise, t, cumprod):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def draw_training_noise(model: MDSGen, x0_shape, generator: torch.Generator | None = None) -> dict:
+    """Every random draw of one training step for a batch: timesteps, the CFG-dropout coin, the noise of
+    each pass and the mask. Drawn on the CPU, so a run gives the same draws on any device, and data-parallel
+    ranks can draw the global batch and each take its own slice."""
+    b = x0_shape[0]
+    draws = {"t": (torch.rand(b, generator=generator) * TRAIN_STEPS).long().clamp_max(TRAIN_STEPS - 1),
+             "dropout_coin": torch.rand(b, generator=generator),
+             "noise": torch.randn(x0_shape, generator=generator)}
+    if model.config.mask_strategy != "none":
+        draws["noise_masked"] = torch.randn(x0_shape, generator=generator)
+        draws["visible_ids"] = model.sample_mask(b, "cpu", generator)
+    return draws
+
+
 def training_loss(model: MDSGen, x0: torch.Tensor, features: torch.Tensor, *, cfg_dropout: float = 0.1,
-                  masked_weight: float = 1.0, generator: torch.Generator | None = None) -> dict:
+                  masked_weight: float = 1.0, generator: torch.Generator | None = None,
+                  draws: dict | None = None) -> dict:
     """Epsilon-prediction MSE: L_full + lambda * L_masked with the same t and fresh noise per pass.
 
     The masked pass is skipped when the model's strategy is "none" (plain DiT). With probability
     `cfg_dropout` a sample's features are zeroed, which teaches the unconditional branch of CFG.
+    `draws` (from `draw_training_noise`) fixes the randomness; otherwise it is drawn from `generator`.
+    `model` may be a DistributedDataParallel wrapper: its config is read from the wrapped module.
     """
-    b, device = x0.shape[0], x0.device
-    cumprod = alphas_cumprod()
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=generator, device=device)
-
-    def randn(shape):
-        return torch.randn(shape, generator=generator, device=device)
-
-    t = (rand(b) * TRAIN_STEPS).long().clamp_max(TRAIN_STEPS - 1)
-    keep = (rand(b) >= cfg_dropout).to(features.dtype).view(b, 1, 1)
+    core = getattr(model, "module", model)
+    draws = draws if draws is not None else draw_training_noise(core, x0.shape, generator)
+    draws = {k: v.to(x0.device) for k, v in draws.items()}
+    cumprod, t = alphas_cumprod(), draws["t"]
+    keep = (draws["dropout_coin"] >= cfg_dropout).to(features.dtype).view(-1, 1, 1)
     features = features * keep
-    noise = randn(x0.shape)
-    loss_full = F.mse_loss(model(add_noise(x0, noise, t, cumprod), t, features), noise)
+    loss_full = F.mse_loss(model(add_noise(x0, draws["noise"], t, cumprod), t, features).float(), draws["noise"])
     out = {"loss_full": loss_full}
     loss = loss_full
-    if model.config.mask_strategy != "none" and masked_weight > 0:
-        noise = randn(x0.shape)
-        visible = model.sample_mask(b, device, generator)
-        loss_masked = F.mse_loss(model(add_noise(x0, noise, t, cumprod), t, features, visible), noise)
+    if core.config.mask_strategy != "none" and masked_weight > 0:
+        noise = draws["noise_masked"]
+        prediction = model(add_noise(x0, noise, t, cumprod), t, features, draws["visible_ids"])
+        loss_masked = F.mse_loss(prediction.float(), noise)
         out["loss_masked"] = loss_masked
         loss = loss + masked_weight * loss_masked
     out["loss"] = loss

@@ -114,26 +114,15 @@ def evaluate_vae(vae: MelVAE, train: torch.Tensor, val: dict, cfg: VAETrainConfi
 
 def write_report(vae: MelVAE, val: dict, report_dir: Path, audio_cfg: AudioConfig, clips: int = 3) -> None:
     """Original vs VAE mels as a PNG, and both through Griffin-Lim as WAVs, for a few val clips."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .generate import write_wav
+    from .plots import mel_grid
 
     report_dir.mkdir(parents=True, exist_ok=True)
     mels = val["mels"][:clips]
     with torch.no_grad():
         rebuilt = vae.decode(vae.encode(mels))
-    fig, axes = plt.subplots(len(mels), 2, figsize=(12, 2.6 * len(mels)), squeeze=False)
-    for row, (clip_id, original, again) in enumerate(zip(val["clip_ids"], mels, rebuilt)):
-        for col, (mel, title) in enumerate([(original, "original"), (again, "VAE")]):
-            axes[row, col].imshow(mel.numpy(), origin="lower", aspect="auto", vmin=0, vmax=1)
-            axes[row, col].set_title(f"{clip_id}: {title}", fontsize=9)
-            axes[row, col].axis("off")
-    fig.tight_layout()
-    fig.savefig(report_dir / "mels.png", dpi=80)
-    plt.close(fig)
+    mel_grid([(clip_id, [(original, "original"), (again, "VAE")])
+              for clip_id, original, again in zip(val["clip_ids"], mels, rebuilt)], report_dir / "mels.png")
     waves = griffin_lim(torch.cat([mels, rebuilt]), audio_cfg)
     for i, clip_id in enumerate(val["clip_ids"][:len(mels)]):
         write_wav(report_dir / f"{clip_id}_original.wav", waves[i].numpy(), audio_cfg.sample_rate)

@@ -1,4 +1,6 @@
-import socket
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from procs import BIN, ROOT, free_port, run, stop_group, wait_http  # noqa: E402
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 
 
@@ -46,12 +49,6 @@ def untrained_checkpoint(tmp_path_factory):
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 with a bucket, and the environment boto3 needs to reach it."""
@@ -84,3 +81,50 @@ def isolated_cache(tmp_path_factory):
     patch.setenv("MDSGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1, as PLATFORM.md says
+    to run it: one worker, job execution off, its own process group so stopping it stops every worker."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", process)
+        yield url
+    finally:
+        stop_group(process)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def pipeline_env(mlflow_server):
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com", MLFLOW_TRACKING_URI=mlflow_server)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the stages call `mdsgen`
+    return env
+
+
+@pytest.fixture(scope="session")
+def ci_repo(tmp_path_factory, pipeline_env):
+    """A copy of the project (its tracked files) as a fresh git repo, `dvc repro` of the whole pipeline run
+    on the ci profile against the MLflow server."""
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    run(["git", "init", "-q"], repo)
+    run([sys.executable, "-m", "mdsgen", "params", "use", "ci"], repo, pipeline_env)
+    proc = run(["dvc", "repro"], repo, pipeline_env)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "ci pipeline"], repo, pipeline_env)
+    return repo, proc.stdout

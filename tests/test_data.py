@@ -13,45 +13,11 @@ import pytest
 import torch
 
 from media import make_video, streams
+from procs import ROOT, run
 from mdsgen.audio import load_audio, wave_to_mel
 from mdsgen.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
                             stamp_recording, stamp_sources)
 from mdsgen.features import extract_features, load_latents, load_npz
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(cmd, cwd, env=None, check=True):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-@pytest.fixture(scope="session")
-def pipeline_env():
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the stages call `mdsgen`
-    return env
-
-
-@pytest.fixture(scope="session")
-def ci_repo(tmp_path_factory, pipeline_env):
-    """A copy of the project (its tracked files) as a fresh git repo, `dvc repro` run on the ci profile."""
-    repo = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    run(["git", "init", "-q"], repo)
-    run([sys.executable, "-m", "mdsgen", "params", "use", "ci"], repo, pipeline_env)
-    proc = run(["dvc", "repro"], repo, pipeline_env)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "ci pipeline"], repo, pipeline_env)
-    return repo, proc.stdout
-
 
 # --- dataset --------------------------------------------------------------------------------------
 def test_ci_dataset_layout(ci_repo):

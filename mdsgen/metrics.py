@@ -1,0 +1,131 @@
+"""Audio metrics for evaluation: Frechet distance, KL, Inception-style score and class agreement on a
+pretrained sound-effects network, and onset synchronisation against known event times.
+
+The network is aisfx's (PyPI `aisfx`, MIT; Cross-Task "X-Sequential-CE"): 96-bin htk mel at 44.1 kHz,
+n_fft 2048, hop 1024, log10(S * 1e4 + 1) / 9.4578, in blocks of 100 frames (2.3 s) -> a 512-d
+embedding per block, and the `ucsMixed` head's 69 sound-effect classes. Its checkpoint holds numpy
+scalars, so it loads with `weights_only=True` and exactly those numpy types allowed (no pickled code).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import librosa
+import numpy as np
+import torch
+from scipy import linalg
+
+from .dataset import detect_onsets
+
+SAMPLE_RATE = 44100
+N_FFT, HOP, N_MELS = 2048, 1024, 96
+BLOCK_FRAMES, BLOCK_HOP = 100, 50
+LOG_MAX = 9.457798957824707      # aisfx's 'original' normalisation: the log-mel maximum over its datasets
+CLASS_HEAD = "ucsMixed"
+ONSET_TOLERANCE = 0.125          # seconds: the sync tolerance the field uses (Diff-Foley's onset metrics)
+
+
+def aisfx_checkpoint() -> Path:
+    import aisfx.models
+
+    return Path(aisfx.models.__file__).with_name("checkpoint.pth")
+
+
+class SoundNet:
+    """aisfx's network: waves (any rate) -> per-block embeddings and class probabilities."""
+
+    def __init__(self, device: str = "cpu"):
+        from aisfx.models.cnn2d import CrossNet, EmbeddingNet
+
+        allowed = [np.core.multiarray.scalar, np.dtype, np.dtypes.Int64DType]
+        with torch.serialization.safe_globals(allowed):
+            weights, heads = torch.load(aisfx_checkpoint(), map_location="cpu", weights_only=True)
+        self.net = CrossNet(EmbeddingNet("max", 3, 1, 64), heads, "cpu")
+        self.net.load_state_dict(weights)
+        self.net.to(device).eval()
+        self.device = device
+        self.mel_basis = torch.from_numpy(librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0,
+                                                              fmax=SAMPLE_RATE / 2, htk=True, norm=1)).float()
+        self.window = torch.hann_window(N_FFT)
+
+    def blocks(self, wave: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """[blocks, 100, 96] log-mel blocks of one clip, peak-normalised as aisfx does."""
+        y = librosa.resample(np.asarray(wave, dtype=np.float32), orig_sr=sample_rate, target_sr=SAMPLE_RATE)
+        y = y / max(float(np.abs(y).max()), 1e-8)
+        spec = torch.stft(torch.from_numpy(y), N_FFT, HOP, window=self.window, center=True, pad_mode="constant",
+                          return_complex=True).abs() ** 2
+        logmel = torch.log10(self.mel_basis @ spec * 1e4 + 1.0).T / LOG_MAX          # [frames, 96]
+        if len(logmel) < BLOCK_FRAMES:
+            logmel = torch.nn.functional.pad(logmel, (0, 0, 0, BLOCK_FRAMES - len(logmel)))
+        return logmel.unfold(0, BLOCK_FRAMES, BLOCK_HOP).transpose(1, 2).contiguous()
+
+    @torch.no_grad()
+    def __call__(self, waves: list[np.ndarray], sample_rate: int) -> dict:
+        """embeddings: [all blocks, 512]; probs: [clips, 69] (block softmax averaged per clip)."""
+        embeddings, probs = [], []
+        for wave in waves:
+            emb, logits = self.net(self.blocks(wave, sample_rate).to(self.device), CLASS_HEAD)
+            embeddings.append(emb.cpu())
+            probs.append(logits.softmax(-1).mean(0).cpu())
+        return {"embeddings": torch.cat(embeddings).double().numpy(), "probs": torch.stack(probs).double().numpy()}
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two sets of embeddings [n, d]."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(root).all():  # near-singular product: regularise as the FID reference code does
+        eye = np.eye(len(cov_a)) * 1e-6
+        root = linalg.sqrtm((cov_a + eye) @ (cov_b + eye))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+
+
+def paired_kl(real: np.ndarray, generated: np.ndarray) -> float:
+    """Mean KL(p_real || p_generated) over paired clips' class distributions."""
+    eps = 1e-10
+    return float(np.mean(np.sum(real * (np.log(real + eps) - np.log(generated + eps)), axis=1)))
+
+
+def inception_score(probs: np.ndarray) -> float:
+    eps = 1e-10
+    marginal = probs.mean(0, keepdims=True)
+    return float(np.exp(np.mean(np.sum(probs * (np.log(probs + eps) - np.log(marginal + eps)), axis=1))))
+
+
+def class_agreement(real: np.ndarray, generated: np.ndarray) -> float:
+    return float(np.mean(real.argmax(1) == generated.argmax(1)))
+
+
+def onset_sync(waves: list[np.ndarray], sample_rate: int, true_onsets: list[list[float]],
+               tolerance: float = ONSET_TOLERANCE) -> dict:
+    """Onsets detected in each wave against the clip's true event onsets (seconds).
+
+    median_error_ms: over true onsets, the distance to the nearest detected onset (a clip with none
+    detected counts its clip length); recall / precision: shares of true / detected onsets that have a
+    partner within `tolerance`; f1 combines them.
+    """
+    errors, hits_true, hits_detected, detected_total = [], 0, 0, 0
+    for wave, truth in zip(waves, true_onsets):
+        found = detect_onsets(np.asarray(wave, dtype=np.float32), sample_rate)
+        truth = np.asarray(truth, dtype=float)
+        miss = len(wave) / sample_rate
+        for t in truth:
+            errors.append(np.abs(found - t).min() if len(found) else miss)
+        hits_true += int(sum(len(found) and np.abs(found - t).min() <= tolerance for t in truth))
+        hits_detected += int(sum(len(truth) and np.abs(truth - d).min() <= tolerance for d in found))
+        detected_total += len(found)
+    recall = hits_true / max(1, len(errors))
+    precision = hits_detected / max(1, detected_total)
+    return {"onset_median_error_ms": float(np.median(errors) * 1000) if errors else float("nan"),
+            "onset_recall": recall, "onset_precision": precision,
+            "onset_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "onsets_per_clip": detected_total / max(1, len(waves))}
+
+
+def audio_scores(net: SoundNet, real: list[np.ndarray], generated: list[np.ndarray], sample_rate: int) -> dict:
+    """Distribution and per-clip class metrics of generated clips against their real counterparts."""
+    r, g = net(real, sample_rate), net(generated, sample_rate)
+    return {"frechet_distance": frechet_distance(r["embeddings"], g["embeddings"]),
+            "kl": paired_kl(r["probs"], g["probs"]), "inception_score": inception_score(g["probs"]),
+            "class_agreement": class_agreement(r["probs"], g["probs"])}

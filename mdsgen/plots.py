@@ -1,0 +1,53 @@
+"""Figures for reports and MLflow: mel spectrograms side by side, metric bars. Rendered with
+matplotlib's Agg backend into PNG files (DVC's own plots need a CDN to render, which is offline here)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mel_grid(rows: list[tuple[str, list[tuple[object, str]]]], path) -> Path:
+    """One row per clip, one column per version of it: rows = [(clip_id, [(mel [128, T] in [0, 1], title)])]."""
+    plt = _pyplot()
+    columns = max(len(mels) for _, mels in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(6 * columns, 2.6 * len(rows)), squeeze=False)
+    for r, (clip_id, mels) in enumerate(rows):
+        for c in range(columns):
+            axes[r, c].axis("off")
+            if c < len(mels):
+                mel, title = mels[c]
+                axes[r, c].imshow(mel.numpy() if hasattr(mel, "numpy") else mel, origin="lower", aspect="auto",
+                                  vmin=0, vmax=1)
+                axes[r, c].set_title(f"{clip_id}: {title}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def metric_bars(table: dict[str, dict[str, float]], metrics: list[str], path) -> Path:
+    """A bar chart per metric, one bar per system: table = {system: {metric: value}}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    systems = list(table)
+    for ax, metric in zip(axes[0], metrics):
+        values = [table[s].get(metric, float("nan")) for s in systems]
+        ax.bar(range(len(systems)), values, color=[f"C{i}" for i in range(len(systems))])
+        ax.set_xticks(range(len(systems)), systems, rotation=45, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

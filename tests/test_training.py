@@ -1,0 +1,160 @@
+"""`mdsgen train`: resuming after SIGKILL, DistributedDataParallel on two CPU processes, MLflow logging."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mdsgen.vae import MelVAE
+from procs import BIN, run
+
+SMALL_MODEL = {"size": "T", "hidden_size": 64, "depth": 4, "num_heads": 2, "decoder_depth": 2}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Synthetic latents (structured, so the loss can fall), a small VAE and a params file."""
+    root = tmp_path_factory.mktemp("train")
+    g = torch.Generator().manual_seed(0)
+    latents_dir = root / "latents"
+    latents_dir.mkdir()
+    for split, n in (("train", 24), ("val", 4)):
+        features = torch.randn(n, 32, 1280, generator=g)
+        latents = features[:, :, :64].mean(1).view(n, 1, 1, 64).expand(n, 4, 16, 64).contiguous()
+        meta = {"clip_ids": json.dumps([f"{split}{i}" for i in range(n)]), "labels": json.dumps(["x"] * n)}
+        save_file({"latents": latents + 0.1 * torch.randn(latents.shape, generator=g), "features": features},
+                  str(latents_dir / f"{split}.safetensors"), metadata=meta)
+    MelVAE.from_config("small").save(str(root / "vae"))
+    return root
+
+
+def write_params(root, name, **train):
+    settings = {"model": SMALL_MODEL, "sampling": {"steps": 2},
+                "train": {"steps": 6, "batch_size": 8, "lr": 2e-3, "ema_decay": 0.99, "checkpoint_every": 2,
+                          "log_every": 1, "sample_every": 0, "sample_clips": 2, **train}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def train_cmd(root, name, params):
+    return ["train", str(root / "latents"), "--vae", str(root / "vae"), "--out", str(root / name / "model"),
+            "--state", str(root / name / "state"), "--metrics", str(root / name / "metrics.json"),
+            "--device", "cpu", "--params", str(params)]
+
+
+def env_for(mlflow_server):
+    return dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="1")
+
+
+def weights(root, name):
+    return load_file(str(root / name / "model" / "model.safetensors"))
+
+
+def loss_history(mlflow_server, run_id):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}  # a resumed run re-logs steps after its last state: last wins
+
+
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(workdir, mlflow_server):
+    env = env_for(mlflow_server)
+    params = write_params(workdir, "resume", steps=30, checkpoint_every=4)
+    run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "straight", params)], workdir, env)
+
+    victim = subprocess.Popen([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "killed", params)], cwd=workdir,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = workdir / "killed" / "state" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        if latest.is_file() and latest.read_text() >= "step-00000008":
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, "training ended before it could be killed: make the run longer"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = int(latest.read_text().split("-")[1])
+    assert 8 <= killed_at < 30 and not (workdir / "killed" / "model").exists()
+
+    proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "killed", params)], workdir, env)
+    assert f"resuming from step {killed_at}" in proc.stdout
+    metrics = json.loads((workdir / "killed" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 30
+    straight, resumed = weights(workdir, "straight"), weights(workdir, "killed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    # the resumed invocation logged into the same MLflow run, and its losses continue the straight run's
+    first = json.loads((workdir / "straight" / "metrics.json").read_text())
+    assert metrics["mlflow_run_id"] != first["mlflow_run_id"]
+    assert loss_history(mlflow_server, metrics["mlflow_run_id"]) == loss_history(mlflow_server, first["mlflow_run_id"])
+
+
+def test_a_finished_state_is_not_retrained_and_a_new_recipe_starts_over(workdir, mlflow_server):
+    env = env_for(mlflow_server)
+    params = write_params(workdir, "again", steps=4)
+    run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "again", params)], workdir, env)
+    before = weights(workdir, "again")
+    proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "again", params)], workdir, env)
+    assert "resuming from step 4" in proc.stdout
+    assert all(torch.equal(before[k], v) for k, v in weights(workdir, "again").items())
+    changed = write_params(workdir, "again", steps=4, lr=1e-3)
+    proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "again", changed)], workdir, env)
+    assert "starting over" in proc.stdout
+
+
+def test_two_ddp_processes_follow_the_single_process_trajectory(workdir, mlflow_server):
+    """Same global batch (8) as one process with batch 8, or two with 4 each: the per-step losses (all-reduced
+    means) and the final weights agree up to float summation order."""
+    env = env_for(mlflow_server)
+    params = write_params(workdir, "ddp", steps=6, batch_size=8)
+    run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "single", params)], workdir, env)
+    run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mdsgen",
+         *train_cmd(workdir, "two", params)], workdir, env)
+    single = json.loads((workdir / "single" / "metrics.json").read_text())
+    two = json.loads((workdir / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and single["world_size"] == 1
+    a = loss_history(mlflow_server, single["mlflow_run_id"])
+    b = loss_history(mlflow_server, two["mlflow_run_id"])
+    assert list(a) == list(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a[step], b[step])
+    assert a[6] < a[1]  # and it is learning, not standing still
+    wa, wb = weights(workdir, "single"), weights(workdir, "two")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_the_run_logs_params_environment_and_samples(workdir, mlflow_server):
+    import mlflow
+
+    metrics = json.loads((workdir / "straight" / "metrics.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    logged = client.get_run(metrics["mlflow_run_id"])
+    assert logged.data.params["train.lr"] == "0.002" and logged.data.params["model.depth"] == "4"
+    assert {"loss", "loss_full", "loss_masked", "steps_per_second"} <= set(logged.data.metrics)
+    names = {f.path for f in client.list_artifacts(logged.info.run_id)}
+    assert {"environment.json", "samples"} <= names
+    samples = [f.path for f in client.list_artifacts(logged.info.run_id, "samples")]
+    assert any(p.endswith(".png") for p in samples) and sum(p.endswith(".wav") for p in samples) == 2
+    env = json.loads(open(mlflow.artifacts.download_artifacts(
+        run_id=logged.info.run_id, artifact_path="environment.json", tracking_uri=mlflow_server)).read())
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"] == torch.__version__
+
+
+def test_bad_training_settings_are_named(workdir, tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": {"steps": 4, "batch_size": 8, "precision": "fp8"}}))
+    proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "bad", params)], workdir, check=False)
+    assert proc.returncode == 2 and "train.precision 'fp8'" in proc.stderr
+    params.write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": {"steps": 4, "batch_size": 8}}))
+    proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "bad", params)[:1], str(tmp_path / "nowhere"),
+                *train_cmd(workdir, "bad", params)[2:]], workdir, check=False)
+    assert proc.returncode == 2 and "no latents for the train split" in proc.stderr
