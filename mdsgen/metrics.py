@@ -74,7 +74,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two sets of embeddings [n, d]."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():  # near-singular product: regularise as the FID reference code does
         eye = np.eye(len(cov_a)) * 1e-6
         root = linalg.sqrtm((cov_a + eye) @ (cov_b + eye))

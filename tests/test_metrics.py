@@ -1,0 +1,99 @@
+"""Evaluation metrics on known inputs, the registry's gate rule, and the alignment classifier's data."""
+import numpy as np
+import pytest
+import torch
+
+from mdsgen.align import AlignConfig, AlignmentClassifier, negatives
+from mdsgen.evaluate import nearest_training_clips, shuffled_partners
+from mdsgen.metrics import (SoundNet, class_agreement, frechet_distance, inception_score, onset_sync,
+                            paired_kl)
+from mdsgen.registry import gate_decision
+
+SR = 16000
+
+
+def clicks(times, seconds=4.0, seed=0):
+    """Short noise bursts at `times` on silence (sharp onsets)."""
+    rng = np.random.default_rng(seed)
+    wave = np.zeros(int(seconds * SR), dtype=np.float32)
+    for t in times:
+        start = int(t * SR)
+        burst = rng.standard_normal(800).astype(np.float32) * np.exp(-np.arange(800) / 200)
+        wave[start:start + 800] += 0.5 * burst
+    return wave
+
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 8))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    near, far = frechet_distance(a, a + 0.5), frechet_distance(a, a + 2.0)
+    assert near == pytest.approx(8 * 0.25, rel=1e-3) and far == pytest.approx(8 * 4.0, rel=1e-3)
+
+
+def test_class_distribution_metrics():
+    p = np.array([[0.9, 0.1], [0.2, 0.8]])
+    assert paired_kl(p, p) == pytest.approx(0, abs=1e-9) and paired_kl(p, p[::-1]) > 0.5
+    assert class_agreement(p, p) == 1.0 and class_agreement(p, p[::-1]) == 0.0
+    assert inception_score(np.array([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(2.0, rel=1e-6)
+    assert inception_score(np.array([[0.5, 0.5], [0.5, 0.5]])) == pytest.approx(1.0)
+
+
+def test_onset_sync_rewards_timing_and_punishes_shifts_and_noise():
+    truth = [[0.5, 2.0], [1.2, 3.1]]
+    exact = onset_sync([clicks(t) for t in truth], SR, truth)
+    assert exact["onset_recall"] == 1.0 and exact["onset_precision"] == 1.0
+    assert exact["onset_median_error_ms"] < 20
+    late = onset_sync([clicks(np.array(t) + 0.3) for t in truth], SR, truth)
+    assert late["onset_recall"] == 0.0 and late["onset_median_error_ms"] > 250
+    silent = onset_sync([np.zeros(4 * SR, dtype=np.float32)] * 2, SR, truth)
+    assert silent["onset_recall"] == 0.0 and silent["onset_median_error_ms"] == pytest.approx(4000)
+    noisy = onset_sync([clicks(np.arange(0.1, 3.9, 0.1)) for _ in truth], SR, truth)
+    assert noisy["onset_recall"] == 1.0 and noisy["onset_precision"] < 0.2  # hits everything by firing everywhere
+
+
+def test_sound_net_tells_real_sounds_apart(badger):
+    from mdsgen.audio import load_audio
+
+    wave = load_audio(badger[1], SR)
+    net = SoundNet()
+    out = net([wave, wave, clicks([0.5, 1.0, 1.5, 2.0])], SR)
+    assert out["probs"].shape == (3, 69) and np.allclose(out["probs"].sum(1), 1, atol=1e-5)
+    assert np.allclose(out["probs"][0], out["probs"][1])
+    assert out["probs"][0].argmax() != out["probs"][2].argmax()
+    assert out["embeddings"].shape[1] == 512
+
+
+def test_gate_rule():
+    gate = {"frechet_distance": "lower", "onset_f1": "higher"}
+    champ = {"frechet_distance": 100.0, "onset_f1": 0.5}
+    assert gate_decision({"frechet_distance": 90.0, "onset_f1": 0.6}, champ, gate)[0]
+    assert gate_decision({"frechet_distance": 90.0, "onset_f1": 0.5}, champ, gate)[0]
+    ok, reason = gate_decision({"frechet_distance": 90.0, "onset_f1": 0.4}, champ, gate)
+    assert not ok and "worse on onset_f1" in reason
+    ok, reason = gate_decision(dict(champ), champ, gate)
+    assert not ok and "no gate metric improves" in reason
+    assert gate_decision({"frechet_distance": 500.0, "onset_f1": 0.0}, None, gate) == (True, "no champion yet")
+    with pytest.raises(ValueError, match="onset_f1"):
+        gate_decision({"frechet_distance": 90.0}, champ, gate)
+
+
+def test_references_pick_what_they_claim():
+    labels = ["dog", "dog", "cow", "cello"]
+    partners = shuffled_partners(labels, seed=0)
+    assert all(labels[j] != label for j, label in zip(partners, labels))
+    train = torch.randn(10, 32, 16)
+    test = train[[3, 7]] + 0.01 * torch.randn(2, 32, 16)
+    assert nearest_training_clips(test, train).tolist() == [3, 7]
+
+
+def test_alignment_negatives_and_classifier_shapes():
+    g = torch.Generator().manual_seed(0)
+    mels = torch.rand(6, 128, 512)
+    neg = negatives(torch.randn(6, 32, 20), mels, 31, 125, g)
+    for i in range(6):
+        assert not torch.equal(neg[i], mels[i])
+        if i % 2:  # shifted copies keep the clip's content
+            assert torch.allclose(neg[i].sum(), mels[i].sum(), rtol=1e-4)
+    model = AlignmentClassifier(AlignConfig(feature_dim=20))
+    assert model(torch.randn(6, 32, 20), mels).shape == (6,)
