@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
+AISFX  := aisfx==0.1.2
 APT_PACKAGES := tuxpaint-stamps-default
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DVC_NO_ANALYTICS := 1
@@ -21,20 +22,25 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU wheel on disk; a GPU user who installed their own torch keeps it
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,pipeline]"
+	# aisfx ships the evaluation's pretrained sound network; its pins (librosa 0.9, numpy 1.23) are stale
+	$(PY) -m pip install -q --no-deps "$(AISFX)"
 	touch $(STAMP)
 
 demo: setup
 	mdsgen models
 	mdsgen params use demo
 	dvc repro
-	mdsgen init-checkpoint runs/demo/untrained --vae models/vae
-	mdsgen generate data/dataset/metadata.csv --split test --limit 4 -o runs/demo/generated \
-		--checkpoint runs/demo/untrained
+	mdsgen generate data/dataset/metadata.csv --split test --limit 4 -o outputs/demo/generated \
+		--model models:/mdsgen@champion
 	mdsgen generate "$$(python -c 'import mdsgen.samples as s; print(s.bigbuckbunny())')" \
-		-o runs/demo/generated --checkpoint runs/demo/untrained
+		-o outputs/demo/generated --model models:/mdsgen@champion
+	@echo
+	@cat reports/eval/table.md
+	@echo "Evaluation: reports/eval/ (table.md, metrics.png, mels.png, WAVs); generated: outputs/demo/generated/"
+	@echo "MLflow UI:  mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
 
 test: setup
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs outputs .pytest_cache

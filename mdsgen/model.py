@@ -39,6 +39,7 @@ class MDSGenConfig:
     mask_strategy: str = "tam"               # "tam", "sam" or "none"
     mask_ratio: float = 0.3
     rel_pos_bias: bool = True                # BEiT-style bias in every attention (the authors' code)
+    frame_tokens: bool = False               # beyond the paper: each time column also gets its own frame's feature
 
     def __post_init__(self):
         self.input_size = tuple(self.input_size)
@@ -92,6 +93,22 @@ class VideoConditioner(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.out(self.reducer(self.project(features)).squeeze(1))
+
+
+class FrameTokens(nn.Module):
+    """Time-aligned conditioning (not in the paper): frame features [B, T, F] -> one embedding per time
+    column of the token grid [B, columns, D], added to that column's tokens. The global Reducer vector
+    says *what* sounds; these say *when*. Zero-initialised, so training starts from the paper's model."""
+
+    def __init__(self, feature_dim: int, hidden_size: int, columns: int):
+        super().__init__()
+        self.columns = columns
+        self.project = nn.Sequential(nn.Linear(feature_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[1] != self.columns:  # e.g. 32 frames onto the AudioLDM layout's time rows
+            features = F.interpolate(features.transpose(1, 2), size=self.columns, mode="linear").transpose(1, 2)
+        return self.project(features)
 
 
 class RelativePositionBias(nn.Module):
@@ -182,6 +199,11 @@ class MDSGen(nn.Module):
         self.x_embedder = nn.Conv2d(cfg.in_channels, dim, cfg.patch_size, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(dim)
         self.video_embedder = VideoConditioner(cfg.feature_dim, cfg.num_frames, dim)
+        columns = grid[1] if cfg.time_axis == "width" else grid[0]
+        token_time = torch.arange(self.num_tokens)
+        self.register_buffer("token_time", token_time % grid[1] if cfg.time_axis == "width" else token_time // grid[1],
+                             persistent=False)
+        self.frame_embedder = FrameTokens(cfg.feature_dim, dim, columns) if cfg.frame_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -218,6 +240,9 @@ class MDSGen(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.frame_embedder is not None:
+            nn.init.zeros_(self.frame_embedder.project[-1].weight)
+            nn.init.zeros_(self.frame_embedder.project[-1].bias)
 
     # --- masking -------------------------------------------------------------------------------
     def sample_mask(self, batch: int, device, generator=None) -> torch.Tensor:
@@ -227,9 +252,7 @@ class MDSGen(nn.Module):
             columns = gw if cfg.time_axis == "width" else gh
             keep = max(1, round(columns * (1 - cfg.mask_ratio)))
             kept = torch.rand(batch, columns, generator=generator, device=device).argsort(1)[:, :keep]
-            token_time = torch.arange(self.num_tokens, device=device)
-            token_time = token_time % gw if cfg.time_axis == "width" else token_time // gw
-            visible = (token_time[None, :, None] == kept[:, None, :]).any(-1)  # [B, N]
+            visible = (self.token_time.to(device)[None, :, None] == kept[:, None, :]).any(-1)  # [B, N]
             return visible.nonzero()[:, 1].view(batch, -1)
         if cfg.mask_strategy == "sam":
             keep = max(1, round(self.num_tokens * (1 - cfg.mask_ratio)))
@@ -256,26 +279,27 @@ class MDSGen(nn.Module):
         the rest before the side-interpolator and the decoder, as in training's masked pass.
         """
         c = self.condition(t, features)
-        x = self.patchify(x) + self.pos_embed
+        frames = 0.0 if self.frame_embedder is None else self.frame_embedder(features)[:, self.token_time]
+        x = self.patchify(x) + self.pos_embed + frames
         if visible_ids is not None:
             x = x.gather(1, visible_ids[..., None].expand(-1, -1, x.shape[-1]))
         for blk in self.en_blocks:
             x = blk(x, c, visible_ids)
         if visible_ids is None:
-            x = x + self.decoder_pos_embed
+            x = x + self.decoder_pos_embed + frames
         else:
-            x = self.interpolate_masked(x, c, visible_ids)
+            x = self.interpolate_masked(x, c, visible_ids, frames)
         for blk in self.de_blocks:
             x = blk(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
-    def interpolate_masked(self, x, c, visible_ids):
+    def interpolate_masked(self, x, c, visible_ids, frames=0.0):
         """Put visible tokens back on the grid, fill the gaps with mask tokens, let the side block
         predict the hidden ones; visible tokens pass through unchanged (MDT's side-interpolator)."""
         b, _, d = x.shape
         full = self.mask_token.expand(b, self.num_tokens, d).clone()
         full.scatter_(1, visible_ids[..., None].expand(-1, -1, d), x)
-        full = full + self.decoder_pos_embed
+        full = full + self.decoder_pos_embed + frames
         hidden = torch.ones(b, self.num_tokens, 1, device=x.device, dtype=x.dtype)
         hidden.scatter_(1, visible_ids[..., None], 0.0)
         return hidden * self.side_block(full, c) + (1 - hidden) * full

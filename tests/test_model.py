@@ -131,3 +131,24 @@ def test_models_command_lists_every_size_as_json():
         assert abs(rows[size]["ratio_to_paper"] - 1) < 0.03
     assert all(r["params_training"] > r["params_inference"] for r in rows.values())
     assert rows["L"]["depth"] == 24 and rows["T"]["hidden_size"] == 192
+
+
+def test_frame_tokens_start_as_the_paper_model_and_put_each_frame_on_its_column():
+    torch.manual_seed(0)
+    paper = tiny()
+    aligned = MDSGen(MDSGenConfig(**{**paper.config.to_dict(), "frame_tokens": True}))
+    missing, unexpected = aligned.load_state_dict(paper.state_dict(), strict=False)
+    assert all(k.startswith("frame_embedder.") for k in missing) and not unexpected
+    x, t, f = torch.randn(2, 4, 16, 64), torch.tensor([10, 500]), torch.randn(2, 32, 16)
+    assert torch.allclose(aligned(x, t, f), paper(x, t, f), atol=1e-6)  # zero-initialised: the paper's model
+    # column j of the token grid (time on the width axis) carries frame j's embedding
+    torch.nn.init.normal_(aligned.frame_embedder.project[-1].weight)
+    seen = []
+    aligned.en_blocks[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    f2 = f.clone()
+    f2[:, 5] += 1.0
+    aligned(x, t, f)
+    aligned(x, t, f2)
+    changed = (seen[0] - seen[1]).abs().sum(-1)[0] > 0          # [256 tokens]
+    assert changed.nonzero().flatten().tolist() == [r * 32 + 5 for r in range(8)]
+    assert aligned.parameter_counts()["inference"] > paper.parameter_counts()["inference"]
