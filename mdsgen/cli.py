@@ -106,6 +106,19 @@ def cmd_dataset_build(args) -> int:
     return 0
 
 
+def cmd_dataset_copy(args) -> int:
+    import shutil
+
+    from .dataset import read_metadata
+
+    source = storage.local_input(args.source)
+    rows = read_metadata(source)  # refuses a folder that is not a dataset
+    with storage.staged_output(args.out) as out:
+        shutil.copytree(source, out, dirs_exist_ok=True)
+    print(f"{len(rows)} clips copied from {args.source} to {args.out}")
+    return 0
+
+
 def cmd_dataset_import(args) -> int:
     from .dataset import import_vggsound
 
@@ -282,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DATASET_DIR)
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_dataset_build)
+    p = dsub.add_parser("copy", help="copy a prepared dataset (local folder, PVC path or s3:// prefix)")
+    p.add_argument("source")
+    p.add_argument("--out", default=DATASET_DIR)
+    p.set_defaults(func=cmd_dataset_copy)
     p = dsub.add_parser("import", help="import clips listed in a VGGSound CSV")
     p.add_argument("--csv", required=True, help="youtube_id, start_seconds, label, split")
     p.add_argument("--videos", required=True, help="folder with the video files")
@@ -355,6 +372,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_promote)
     return parser
+
+
+def run_stage(argv: list[str], params_text: str | None = None, processes: int = 1) -> None:
+    """Run one `mdsgen` command with the given params.yaml text (Kubeflow components are this call and
+    nothing more): in this process, or under torchrun with `processes` workers; raise when it fails."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if params_text is not None:
+            Path(tmp, "params.yaml").write_text(params_text)
+            argv = [*argv, "--params", str(Path(tmp, "params.yaml"))]
+        if processes > 1:
+            code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={processes}", "-m", "mdsgen", *argv]).returncode
+        else:
+            code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"mdsgen {' '.join(argv)} failed with exit code {code}")
 
 
 def main(argv=None) -> int:

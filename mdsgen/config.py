@@ -79,6 +79,25 @@ def parse_params(raw: dict) -> Params:
     )
 
 
+def _merge(target, source) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)  # a shared node would be written as a YAML alias
+
+
+def apply_profile(doc: dict, name: str, where: str = "params.yaml") -> dict:
+    """Copy `profiles.<name>` over the active sections of a params document (in place)."""
+    profiles = doc.get("profiles") or {}
+    if name not in profiles:
+        raise ValueError(f"{where}: no profile {name!r}; profiles: {', '.join(profiles) or 'none'}")
+    for section, values in profiles[name].items():
+        _merge(doc.setdefault(section, {}), values)
+    doc["profile"] = name
+    return doc
+
+
 def use_profile(name: str, path: str | Path = "params.yaml") -> None:
     """Copy `profiles.<name>` over the active sections of params.yaml, keeping its comments.
 
@@ -90,22 +109,22 @@ def use_profile(name: str, path: str | Path = "params.yaml") -> None:
     yaml_rt = YAML()
     yaml_rt.width = 4096  # keep flow lists on one line
     path = Path(path)
-    doc = yaml_rt.load(path.read_text())
-    profiles = doc.get("profiles") or {}
-    if name not in profiles:
-        raise ValueError(f"{path}: no profile {name!r}; profiles: {', '.join(profiles) or 'none'}")
-
-    def merge(target, source):
-        for key, value in source.items():
-            if isinstance(value, dict) and isinstance(target.get(key), dict):
-                merge(target[key], value)
-            else:
-                target[key] = copy.deepcopy(value)  # a shared node would be written as a YAML alias
-
-    for section, values in profiles[name].items():
-        merge(doc.setdefault(section, {}), values)
-    doc["profile"] = name
+    doc = apply_profile(yaml_rt.load(path.read_text()), name, str(path))
     buffer = io.StringIO()
     yaml_rt.dump(doc, buffer)
     parse_params(yaml.safe_load(buffer.getvalue()))  # a bad profile raises here, before the file changes
     path.write_text(buffer.getvalue())
+
+
+def resolve_params(text: str, profile: str | None = None, overrides: dict | None = None) -> str:
+    """A params.yaml text with a profile applied and `section.key` overrides set, checked; for runs that
+    carry their settings with them (Kubeflow tasks get the project's params.yaml as a parameter)."""
+    doc = yaml.safe_load(text) or {}
+    if profile:
+        apply_profile(doc, profile)
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        doc.setdefault(section, {})[key] = value
+    resolved = yaml.safe_dump(doc, sort_keys=False)
+    parse_params(yaml.safe_load(resolved))
+    return resolved

@@ -119,9 +119,10 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
 
     net = SoundNet(device)
     align = AlignmentClassifier.load(align_dir)
-    results = {}
+    results, real_sound = {}, net(real, audio_cfg.sample_rate)
     for name in SYSTEMS:
-        scores = audio_scores(net, real, waves[name], audio_cfg.sample_rate)
+        sound = real_sound if name == "real_audio" else net(waves[name], audio_cfg.sample_rate)
+        scores = audio_scores(real_sound, sound)
         if timed:
             scores.update(onset_sync([waves[name][i] for i in timed], audio_cfg.sample_rate,
                                      [all_onsets[ids[i]] for i in timed]))

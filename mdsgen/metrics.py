@@ -123,9 +123,9 @@ def onset_sync(waves: list[np.ndarray], sample_rate: int, true_onsets: list[list
             "onsets_per_clip": detected_total / max(1, len(waves))}
 
 
-def audio_scores(net: SoundNet, real: list[np.ndarray], generated: list[np.ndarray], sample_rate: int) -> dict:
-    """Distribution and per-clip class metrics of generated clips against their real counterparts."""
-    r, g = net(real, sample_rate), net(generated, sample_rate)
+def audio_scores(r: dict, g: dict) -> dict:
+    """Distribution and per-clip class metrics of generated clips against their real counterparts, from
+    the SoundNet outputs of both (`r` real, `g` generated)."""
     return {"frechet_distance": frechet_distance(r["embeddings"], g["embeddings"]),
             "kl": paired_kl(r["probs"], g["probs"]), "inception_score": inception_score(g["probs"]),
             "class_agreement": class_agreement(r["probs"], g["probs"])}

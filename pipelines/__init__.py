@@ -1,0 +1,1 @@
+"""Kubeflow pipelines for mdsgen: `python -m pipelines compile | run-local | submit`."""
