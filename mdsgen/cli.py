@@ -176,7 +176,7 @@ def cmd_train(args) -> int:
                     device=args.device)
     if metrics:  # rank 0 of a torchrun job, or a single process
         write_json(args.metrics, metrics)
-        print(f"trained {metrics['steps']} steps (loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}); "
+        print(f"trained {metrics['steps']} steps (loss {metrics['first_loss']} -> {metrics['final_loss']}); "
               f"checkpoint in {args.out}; MLflow run {metrics['mlflow_run_id']}")
     return 0
 

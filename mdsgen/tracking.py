@@ -34,6 +34,17 @@ def use_tracking(configured: str | None, experiment: str) -> str:
     return mlflow.set_experiment(experiment).experiment_id
 
 
+def run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
 def flat_params(params) -> dict:
     """params.yaml's active sections as `section.key` -> value (MLflow params are flat strings)."""
     out = {}

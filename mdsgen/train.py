@@ -94,6 +94,7 @@ class Trainer:
         self.optimizer = Adan(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
+        self.losses = {"first": None, "last": None}  # kept in the state: a resumed run still knows them
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())
@@ -125,7 +126,11 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(values)
             values /= self.world
-        return dict(zip(names, values.tolist()))
+        result = dict(zip(names, values.tolist()))
+        self.losses["last"] = result["loss"]
+        if self.losses["first"] is None:
+            self.losses["first"] = result["loss"]
+        return result
 
     def final_model(self) -> MDSGen:
         return (self.ema if self.ema is not None else self.model).eval()
@@ -147,7 +152,8 @@ class Trainer:
         tensors["generator"] = self.generator.get_state()
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         groups = [{k: v for k, v in g.items() if k != "restart_cond"} for g in optim["param_groups"]]
-        return tensors, {"step": self.step_count, "optimizer_scalars": scalars, "param_groups": groups}
+        return tensors, {"step": self.step_count, "optimizer_scalars": scalars, "param_groups": groups,
+                         "losses": self.losses}
 
     def load_state(self, tensors: dict, rest: dict) -> None:
         def part(prefix):
@@ -167,6 +173,7 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.generator.set_state(tensors["generator"])
         self.step_count = rest["step"]
+        self.losses = dict(rest.get("losses") or {"first": None, "last": None})
 
 
 def fit(model: MDSGen, latents: torch.Tensor, features: torch.Tensor, cfg: TrainConfig,
@@ -316,6 +323,9 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
     run = None
     if rank == 0:
         tracking.use_tracking(params.mlflow.get("tracking_uri"), params.mlflow["experiment"])
+        if run_id and not tracking.run_exists(run_id):
+            print(f"MLflow run {run_id} of the saved state is not in this store; logging to a new run")
+            run_id = None
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"train-{params.model['size']}")
         if run_id is None:
             mlflow.log_params(tracking.flat_params(params))
@@ -352,9 +362,8 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
         if val is not None:
             log_samples(final, ckpt.vae, val, params, trainer.step_count, cfg.sample_clips, device)
         save_checkpoint(replace(ckpt, model=copy.deepcopy(final).float().cpu()), str(out))
-        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
-        metrics = {"steps": trainer.step_count, "final_loss": history[-1].value if history else None,
-                   "first_loss": history[0].value if history else None,
+        metrics = {"steps": trainer.step_count, "final_loss": trainer.losses["last"],
+                   "first_loss": trainer.losses["first"],
                    "seconds_this_invocation": time.perf_counter() - start_time,
                    "resumed_from_step": start_step, "world_size": trainer.world,
                    "mlflow_run_id": run.info.run_id, "mlflow_tracking_uri": mlflow.get_tracking_uri()}
