@@ -15,6 +15,7 @@ from procs import ROOT, run
 ORDER = ["resolve-params", "dataset", "features", "train-vae", "encode", "train", "evaluate", "register"]
 QUALITY = ("frechet_distance", "kl", "inception_score", "class_agreement", "onset_median_error_ms", "onset_f1",
            "align_aligned_share")
+CONTINUOUS = ("frechet_distance", "kl", "inception_score")
 
 
 def pipelines(args, cwd=ROOT, env=None, check=True):
@@ -165,9 +166,13 @@ def test_run_local_matches_dvc_repro(ci_repo, mlflow_server, pipeline_env, tmp_p
         kfp_eval["systems"]["model"]["frechet_distance"], rel=1e-5)
     assert "Challenger version" in (run_dir / "register/decision").read_text()
 
-    # same data, same seed: the same numbers as the DVC pipeline
+    # same data, same seed: the same numbers as the DVC pipeline. The two runs agree to ~1e-5 in the audio,
+    # not bit for bit, so counted metrics may differ by one detector decision (a few hundred onsets, a few
+    # dozen clips); continuous ones must agree closely
     dvc_eval = json.loads((repo / "reports/eval-metrics.json").read_text())
     for system, scores in dvc_eval["systems"].items():
         for metric in QUALITY:
-            assert kfp_eval["systems"][system][metric] == pytest.approx(scores[metric], rel=1e-3, abs=1e-6), \
+            tolerance = (dict(rel=1e-3, abs=1e-6) if metric in CONTINUOUS else
+                         dict(abs=25.0) if metric == "onset_median_error_ms" else dict(abs=0.02))
+            assert kfp_eval["systems"][system][metric] == pytest.approx(scores[metric], **tolerance), \
                 (system, metric)
