@@ -27,13 +27,19 @@ def resolve_model(uri: str, params_path: str = "params.yaml") -> str:
 
 
 def use_mlflow(params_path: str):
-    from .config import load_params
+    from .config import Params, load_params
     from .tracking import use_tracking
 
-    p = load_params(params_path) if Path(params_path).is_file() else None
-    settings = p.mlflow if p else {"tracking_uri": None, "experiment": "mdsgen"}
-    use_tracking(settings.get("tracking_uri"), settings["experiment"])
+    p = load_params(params_path) if Path(params_path).is_file() else Params()
+    use_tracking(p.mlflow["tracking_uri"], p.mlflow["experiment"])
     return p
+
+
+def training_run_id(train_metrics: str | None) -> str | None:
+    """The MLflow run that `mdsgen train` recorded in its metrics file, to log evaluation and model into."""
+    if not train_metrics or not Path(train_metrics).is_file():
+        return None
+    return json.loads(Path(train_metrics).read_text())["mlflow_run_id"]
 
 
 def cmd_generate(args) -> int:
@@ -205,8 +211,7 @@ def cmd_evaluate(args) -> int:
                       storage.local_input(args.align), p.evaluate, p.sampling, args.device)
     summary = write_report(result, args.out)
     write_json(args.metrics, summary)
-    run_id = json.loads(Path(args.train_metrics).read_text())["mlflow_run_id"] \
-        if args.train_metrics and Path(args.train_metrics).is_file() else None
+    run_id = training_run_id(args.train_metrics)
     logged = log_to_mlflow(summary, args.out, run_id)
     print(markdown_table(result))
     print(f"report in {args.out}; logged to MLflow run {logged}")
@@ -217,8 +222,7 @@ def cmd_register(args) -> int:
     from .registry import register
 
     p = use_mlflow(args.params)
-    run_id = json.loads(Path(args.train_metrics).read_text())["mlflow_run_id"] \
-        if args.train_metrics and Path(args.train_metrics).is_file() else None
+    run_id = training_run_id(args.train_metrics)
     evaluation = json.loads(Path(args.evaluation).read_text())
     info = register(args.checkpoint, evaluation, p.mlflow["registered_model"], run_id,
                     tags={"profile": p.profile})

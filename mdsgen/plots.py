@@ -14,6 +14,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def mel_grid(rows: list[tuple[str, list[tuple[object, str]]]], path) -> Path:
     """One row per clip, one column per version of it: rows = [(clip_id, [(mel [128, T] in [0, 1], title)])]."""
     plt = _pyplot()
@@ -27,12 +36,7 @@ def mel_grid(rows: list[tuple[str, list[tuple[object, str]]]], path) -> Path:
                 axes[r, c].imshow(mel.numpy() if hasattr(mel, "numpy") else mel, origin="lower", aspect="auto",
                                   vmin=0, vmax=1)
                 axes[r, c].set_title(f"{clip_id}: {title}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def metric_bars(table: dict[str, dict[str, float]], metrics: list[str], path) -> Path:
@@ -45,9 +49,4 @@ def metric_bars(table: dict[str, dict[str, float]], metrics: list[str], path) ->
         ax.bar(range(len(systems)), values, color=[f"C{i}" for i in range(len(systems))])
         ax.set_xticks(range(len(systems)), systems, rotation=45, ha="right", fontsize=8)
         ax.set_title(metric, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
