@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import storage
-from .errors import CheckpointError, MediaError
+from .errors import CheckpointError, MediaError, ServingError
 
 
 def write_json(path, values: dict) -> None:
@@ -245,6 +245,66 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from . import serving
+
+    p = use_mlflow(args.params)
+    settings = p.serving
+    state_dir = Path(args.state_dir or settings["state_dir"])
+    repository = state_dir / "repository"
+    if args.stop:
+        server = serving.stop(state_dir)
+        print(f"stopped tritonserver (pid {server.pid})" if server else "no server was running")
+        return 0
+    if args.export:
+        checkpoint, version = serving.resolve_served_model(args.model or settings["model"], repository)
+        serving.export_repository(checkpoint, args.export, version)
+        print(f"wrote a Triton model repository with {serving.MODEL_NAME} version {version} to {args.export}")
+        return 0
+    running = serving.load_state(state_dir)
+    if args.reload:
+        if running is None:
+            raise ValueError(f"no server is running from {state_dir}: start one with `mdsgen serve`")
+        checkpoint, version = serving.resolve_served_model(args.model or settings["model"], repository)
+        if version == running.version and not args.model:
+            print(f"already serving {serving.MODEL_NAME} version {version}")
+            return 0
+        server = serving.reload(running, state_dir, checkpoint, version)
+        print(f"now serving {serving.MODEL_NAME} version {server.version}")
+        return 0
+    if running is not None:
+        raise ValueError(f"a server is already running (pid {running.pid}, gRPC {running.grpc}): "
+                         f"--reload swaps its model, --stop stops it")
+    checkpoint, version = serving.resolve_served_model(args.model or settings["model"], repository)
+    serving.write_version(repository, checkpoint, version)
+    serving.prune_versions(repository)
+    ports = tuple(args.ports or settings["ports"])
+    server = serving.start(repository, state_dir, args.host or settings["host"], ports, args.config or settings["config"])
+    print(server.endpoints())
+    print(f"stop with: mdsgen serve --stop{' --state-dir ' + str(state_dir) if args.state_dir else ''}")
+    return 0
+
+
+def cmd_client(args) -> int:
+    from .client import client_files
+    from .serving import load_state
+
+    url = args.url
+    if url is None:
+        server = load_state(Path(args.state_dir))
+        if server is None:
+            raise ValueError(f"no --url and no server recorded in {args.state_dir}: start one with `mdsgen serve`")
+        url = server.grpc
+    with storage.staged_output(args.output) as outdir:
+        results = client_files(storage.local_input(args.input), outdir, url, args.concurrency, not args.no_mux,
+                               args.steps, args.cfg, args.seed, args.split, args.limit)
+    done = [r for r in results if not r.error]
+    for r in done:
+        print(f"{r.input} -> {r.wav}" + (f", {r.video}" if r.video else "") + f" ({r.seconds:.1f} s)")
+    print(f"{len(done)} of {len(results)} videos done via {url}", file=sys.stderr)
+    return 0 if len(done) == len(results) else 1
+
+
 DATASET_DIR, FEATURES_DIR = "data/dataset", "data/features"
 
 
@@ -273,6 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="with a dataset's metadata.csv: only this split (train, val, test)")
     p.add_argument("--limit", type=int, help="only the first N inputs")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the champion on Triton Inference Server (--reload, --stop)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--reload", action="store_true", help="swap in the current champion without dropping requests")
+    action.add_argument("--stop", action="store_true", help="stop the server (in-flight requests finish first)")
+    action.add_argument("--export", metavar="DEST", help="only write a model repository to a folder or s3:// prefix")
+    p.add_argument("--model", help="registry URI or checkpoint folder (default: serving.model, the champion)")
+    p.add_argument("--host", help="bind address (default: serving.host, 127.0.0.1)")
+    p.add_argument("--ports", type=int, nargs=3, metavar=("HTTP", "GRPC", "METRICS"), help="0 picks a free port")
+    p.add_argument("--config", help="model config override from serving/mdsgen/configs/ (cpu, gpu)")
+    p.add_argument("--state-dir", help="repository, server record and log (default: serving.state_dir)")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="generate through a running server (Triton gRPC)")
+    p.add_argument("input", help="a video file, a folder of videos, or a CSV listing them")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--url", help="gRPC host:port (default: the server `mdsgen serve` started)")
+    p.add_argument("--state-dir", default="runs/serving")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (the server batches them)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mux", action="store_true", help="write only the WAV")
+    p.add_argument("--split", help="with a dataset's metadata.csv: only this split")
+    p.add_argument("--limit", type=int, help="only the first N inputs")
+    p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("models", help="list the model sizes with their parameter counts")
     p.add_argument("--json", action="store_true")
@@ -401,7 +488,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, MediaError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, MediaError, FileNotFoundError, ValueError, ServingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

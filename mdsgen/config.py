@@ -19,6 +19,8 @@ from .video import VideoConfig
 MLFLOW_DEFAULTS = {"tracking_uri": None, "experiment": "mdsgen", "registered_model": "mdsgen",
                    "gate": {"frechet_distance": "lower", "onset_f1": "higher"}}
 EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8}
+SERVING_DEFAULTS = {"host": "127.0.0.1", "ports": [8000, 8001, 8002], "config": None,
+                    "model": "models:/mdsgen@champion", "state_dir": "runs/serving"}
 ALIGN_DEFAULTS = {"steps": 600, "batch_size": 32, "lr": 1e-3, "max_shift_seconds": 2.0, "seed": 0}
 
 
@@ -37,6 +39,7 @@ class Params:
     mlflow: dict = field(default_factory=lambda: copy.deepcopy(MLFLOW_DEFAULTS))
     evaluate: dict = field(default_factory=lambda: dict(EVALUATE_DEFAULTS))
     align: dict = field(default_factory=lambda: dict(ALIGN_DEFAULTS))
+    serving: dict = field(default_factory=lambda: copy.deepcopy(SERVING_DEFAULTS))
     profile: str = "default"
 
 
@@ -76,6 +79,7 @@ def parse_params(raw: dict) -> Params:
         mlflow=_section(MLFLOW_DEFAULTS, raw.get("mlflow"), "mlflow"),
         evaluate=_section(EVALUATE_DEFAULTS, raw.get("evaluate"), "evaluate"),
         align=_section(ALIGN_DEFAULTS, raw.get("align"), "align"),
+        serving=_section(SERVING_DEFAULTS, raw.get("serving"), "serving"),
     )
 
 

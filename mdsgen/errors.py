@@ -18,3 +18,7 @@ def describe(err: Exception) -> str:
     """FFmpeg's reason without the path it repeats; else the first line of the message."""
     lines = str(err).splitlines()
     return getattr(err, "strerror", None) or (lines[0] if lines else type(err).__name__)
+
+
+class ServingError(RuntimeError):
+    """The inference server cannot be started, reloaded or reached as asked."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import soundfile as sf
@@ -31,6 +33,7 @@ class Soundtrack:
     sample_rate: int
     windows: int
     timings: dict = field(default_factory=dict)  # seconds per stage
+    model_version: str = ""                       # the served version, for soundtracks from a server
 
 
 class VideoToAudio:
@@ -56,13 +59,20 @@ class VideoToAudio:
         feats = torch.cat(chunks)
         return torch.stack([feats[s] for s in windows.slices()])
 
+    def noise(self, windows: int, seed: int) -> torch.Tensor:
+        """The initial noise of a video's windows: it depends only on the seed and window index, so a
+        video sounds the same however its windows are batched (here, or with other requests on a server)."""
+        c = self.ckpt.model.config
+        return torch.randn((windows, c.in_channels, *c.input_size), generator=torch.Generator().manual_seed(seed))
+
     @torch.inference_mode()
-    def latents(self, features: torch.Tensor, sampling: SamplingConfig, seed: int) -> torch.Tensor:
-        """Sample every window; the noise depends only on the seed and window index, not the batching."""
-        shape = (features.shape[0], self.ckpt.model.config.in_channels, *self.ckpt.model.config.input_size)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    def denoise(self, features: torch.Tensor, noise: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """Sample latents for any number of windows, `batch_size` at a time."""
         return torch.cat([sample(self.ckpt.model, f, sampling, noise=n)
                           for f, n in zip(features.split(self.batch_size), noise.split(self.batch_size))])
+
+    def latents(self, features: torch.Tensor, sampling: SamplingConfig, seed: int) -> torch.Tensor:
+        return self.denoise(features, self.noise(len(features), seed), sampling)
 
     @torch.inference_mode()
     def waves(self, latents: torch.Tensor) -> torch.Tensor:
@@ -155,17 +165,24 @@ class Result:
 def generate_files(source, outdir, checkpoint: str, sampling: SamplingConfig | None = None,
                    seed: int = 0, device: str = "cpu", batch_size: int = 8, mux: bool = True,
                    split: str | None = None, limit: int | None = None) -> list[Result]:
-    """Generate for every input; a bad input is reported and skipped, the rest still run."""
+    """Generate in this process for every input; a bad input is reported and skipped, the rest still run."""
     inputs = list_inputs(source, split)[:limit]
     generator = VideoToAudio(checkpoint, device=device, batch_size=batch_size)
     sampling = sampling or generator.ckpt.sampling
+    return write_soundtracks(inputs, outdir, lambda path: generator.soundtrack(path, sampling, seed), mux)
+
+
+def write_soundtracks(inputs: list[Path], outdir, make: Callable[[Path], Soundtrack], mux: bool = True,
+                      workers: int = 1) -> list[Result]:
+    """`make` a soundtrack for every input and write `<stem>.wav` (and the muxed video) into `outdir`.
+    A failing input is reported and skipped; `workers` > 1 runs inputs concurrently (for a server)."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for path in tqdm(inputs, desc="generate", unit="video", disable=len(inputs) < 2):
+
+    def one(path: Path) -> Result:
         result, start = Result(path), time.perf_counter()
         try:
-            track = generator.soundtrack(path, sampling, seed)
+            track = make(path)
             result.wav = outdir / f"{path.stem}.wav"
             write_wav(result.wav, track.wave, track.sample_rate)
             if mux:
@@ -177,8 +194,11 @@ def generate_files(source, outdir, checkpoint: str, sampling: SamplingConfig | N
         result.seconds = time.perf_counter() - start
         if result.error:
             print(f"error: {result.error}", file=sys.stderr)
-        results.append(result)
-    return results
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(tqdm(pool.map(one, inputs), total=len(inputs), desc="generate", unit="video",
+                         disable=len(inputs) < 2))
 
 
 def with_overrides(sampling: SamplingConfig, **values) -> SamplingConfig:
