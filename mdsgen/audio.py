@@ -122,8 +122,8 @@ def griffin_lim(mel: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig()
     length = frames * cfg.hop_length
     magnitude = torch.nn.functional.pad(magnitude, (0, 1))  # the centered STFT has frames + 1 columns
     window = torch.hann_window(cfg.n_fft, device=mel.device)
-    generator = torch.Generator().manual_seed(seed)
-    phase = torch.rand(magnitude.shape, generator=generator) * 2 * torch.pi
+    # one initial phase shared by every clip of the batch: a clip's sound must not depend on its batch position
+    phase = torch.rand(magnitude.shape[-2:], generator=torch.Generator().manual_seed(seed)) * 2 * torch.pi
     angles = torch.polar(torch.ones_like(magnitude), phase.to(mel.device))
     previous = torch.zeros_like(angles)
     alpha = cfg.griffin_lim_momentum

@@ -257,7 +257,7 @@ def cmd_serve(args) -> int:
         print(f"stopped tritonserver (pid {server.pid})" if server else "no server was running")
         return 0
     if args.export:
-        checkpoint, version = serving.resolve_served_model(args.model or settings["model"], repository)
+        checkpoint, version = serving.resolve_served_model(args.model or settings["model"])
         serving.export_repository(checkpoint, args.export, version)
         print(f"wrote a Triton model repository with {serving.MODEL_NAME} version {version} to {args.export}")
         return 0

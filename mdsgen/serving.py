@@ -95,9 +95,9 @@ def export_repository(checkpoint: str, destination: str, version: int, template:
         storage.upload_dir(tmp, destination)
 
 
-def resolve_served_model(uri: str, repository) -> tuple[str, int]:
+def resolve_served_model(uri: str, repository=None) -> tuple[str, int]:
     """(checkpoint folder, version number) for a registry URI (the registry's version number) or a
-    checkpoint folder (one more than the newest version in the repository)."""
+    checkpoint folder (one more than the newest version in `repository`, 1 without one)."""
     from .registry import resolve_checkpoint
 
     if uri.startswith("models:/"):
@@ -110,7 +110,7 @@ def resolve_served_model(uri: str, repository) -> tuple[str, int]:
             name, _, number = uri[len("models:/"):].partition("/")
             version = int(number)
         return resolve_checkpoint(uri), version
-    return uri, (versions(repository) or [0])[-1] + 1
+    return uri, ((versions(repository) if repository else []) or [0])[-1] + 1
 
 
 # --- the server process -----------------------------------------------------------------------------
