@@ -26,18 +26,28 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps "$(AISFX)"
 	touch $(STAMP)
 
+# The whole main job: train and register on the demo profile, serve the champion on Triton, generate
+# through the gRPC client for the held-out clips and a real video, stop the server.
+DEMO := outputs/demo
 demo: setup
 	mdsgen models
 	mdsgen params use demo
 	dvc repro
-	mdsgen generate data/dataset/metadata.csv --split test --limit 4 -o outputs/demo/generated \
-		--model models:/mdsgen@champion
-	mdsgen generate "$$(python -c 'import mdsgen.samples as s; print(s.bigbuckbunny())')" \
-		-o outputs/demo/generated --model models:/mdsgen@champion
+	-mdsgen serve --stop
+	mdsgen serve --ports 0 0 0
+	status=0; \
+	mdsgen client data/dataset/metadata.csv --split test --limit 8 -o $(DEMO)/heldout || status=1; \
+	mdsgen client "$$(python -c 'import mdsgen.samples as s; print(s.bigbuckbunny())')" -o $(DEMO)/bigbuckbunny || status=1; \
+	mdsgen serve --stop; exit $$status
+	mdsgen compare-mels $(DEMO)/heldout data/dataset/clips -o $(DEMO)/mels-generated-vs-real.png
+	cp reports/eval/table.md $(DEMO)/evaluation.md
 	@echo
-	@cat reports/eval/table.md
-	@echo "Evaluation: reports/eval/ (table.md, metrics.png, mels.png, WAVs); generated: outputs/demo/generated/"
-	@echo "MLflow UI:  mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
+	@cat $(DEMO)/evaluation.md
+	@echo "Results:    $(DEMO)/ (heldout/ and bigbuckbunny/: WAV + muxed MP4; mels-generated-vs-real.png; evaluation.md)"
+	@echo "Evaluation: reports/eval/ (metrics.json, metrics.png, mels.png, WAVs of every system)"
+	@store="$$(python -c 'from mdsgen.config import load_params as l; from mdsgen.tracking import tracking_uri as t; print(t(l().mlflow["tracking_uri"]))')"; \
+	case "$$store" in http*) echo "MLflow UI:  $$store";; \
+	*) echo "MLflow UI:  mlflow ui --backend-store-uri $$store  (then open http://127.0.0.1:5000)";; esac
 
 test: setup
 	$(PY) -m pytest -q

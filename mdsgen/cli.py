@@ -305,6 +305,13 @@ def cmd_client(args) -> int:
     return 0 if len(done) == len(results) else 1
 
 
+def cmd_compare_mels(args) -> int:
+    from .plots import generated_vs_real
+
+    print(generated_vs_real(args.generated, args.originals, args.output, args.limit))
+    return 0
+
+
 DATASET_DIR, FEATURES_DIR = "data/dataset", "data/features"
 
 
@@ -360,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="with a dataset's metadata.csv: only this split")
     p.add_argument("--limit", type=int, help="only the first N inputs")
     p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("compare-mels", help="a PNG of real vs generated mels for generated WAVs and their videos")
+    p.add_argument("generated", help="folder of generated <stem>.wav")
+    p.add_argument("originals", help="folder of the videos <stem>.mp4 (with their real sound)")
+    p.add_argument("-o", "--output", required=True, help="PNG path")
+    p.add_argument("--limit", type=int, default=8)
+    p.set_defaults(func=cmd_compare_mels)
 
     p = sub.add_parser("models", help="list the model sizes with their parameter counts")
     p.add_argument("--json", action="store_true")

@@ -50,3 +50,27 @@ def metric_bars(table: dict[str, dict[str, float]], metrics: list[str], path) ->
         ax.set_xticks(range(len(systems)), systems, rotation=45, ha="right", fontsize=8)
         ax.set_title(metric, fontsize=9)
     return _save(plt, fig, path)
+
+
+def generated_vs_real(generated_dir, originals_dir, path, limit: int = 8) -> Path:
+    """For each `<stem>.wav` in `generated_dir` whose video `<stem>.*` in `originals_dir` has a soundtrack:
+    the real soundtrack's mel beside the generated one's (scaled as the model sees them)."""
+    from .audio import AudioConfig, load_audio, wave_to_mel
+    from .errors import MediaError
+    from .generate import VIDEO_SUFFIXES
+
+    cfg = AudioConfig()
+    originals = {p.stem: p for p in Path(originals_dir).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES}
+    rows = []
+    for wav in sorted(Path(generated_dir).glob("*.wav")):
+        if wav.stem not in originals or len(rows) == limit:
+            continue
+        try:
+            real = load_audio(originals[wav.stem], cfg.sample_rate)
+        except MediaError:  # a silent video: nothing to compare with
+            continue
+        generated = load_audio(wav, cfg.sample_rate)
+        rows.append((wav.stem, [(wave_to_mel(real, cfg), "real"), (wave_to_mel(generated, cfg), "generated")]))
+    if not rows:
+        raise FileNotFoundError(f"{generated_dir}: no generated WAV whose video in {originals_dir} has sound")
+    return mel_grid(rows, path)
