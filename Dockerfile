@@ -21,6 +21,7 @@ COPY pyproject.toml README.md params.yaml dvc.yaml ./
 COPY mdsgen mdsgen
 COPY components components
 COPY pipelines pipelines
+COPY serving serving
 RUN pip install --no-cache-dir ".[pipeline,kubeflow]" \
  && pip install --no-cache-dir --no-deps "aisfx==0.1.2"
 

@@ -130,8 +130,15 @@ def evaluate(params: str, model: Input[Model], align: Input[Model], dataset: Inp
         f.write(open(os.path.join(evaluation.path, "table.md")).read())
 
 
-def register(params: str, model: Input[Model], evaluation: Input[Dataset], mlflow_run_id: str,
-             mlflow_tracking_uri: str, decision: Output[Markdown]) -> str:
+def reference(params: str, model: Input[Model], latents: Input[Dataset], reference: Output[Dataset]):
+    """The monitoring reference: summaries of training clips and of the model's outputs for them."""
+    from mdsgen.cli import run_stage
+
+    run_stage(["reference", model.path, "--latents", latents.path, "--out", reference.path], params)
+
+
+def register(params: str, model: Input[Model], evaluation: Input[Dataset], reference: Input[Dataset],
+             mlflow_run_id: str, mlflow_tracking_uri: str, decision: Output[Markdown]) -> str:
     """Register as challenger, then the promotion gate; returns the champion's version."""
     import json
     import os
@@ -145,7 +152,7 @@ def register(params: str, model: Input[Model], evaluation: Input[Dataset], mlflo
     with open(os.path.join(work, "train-run.json"), "w") as f:
         json.dump({"mlflow_run_id": mlflow_run_id}, f)
     run_stage(["register", model.path, "--evaluation", os.path.join(evaluation.path, "metrics.json"),
-               "--train-metrics", os.path.join(work, "train-run.json"), "--out",
+               "--train-metrics", os.path.join(work, "train-run.json"), "--reference", reference.path, "--out",
                os.path.join(work, "registry.json")], params)
     run_stage(["promote", "--out", os.path.join(work, "promotion.json")], params)
     result = json.load(open(os.path.join(work, "promotion.json")))
@@ -156,7 +163,8 @@ def register(params: str, model: Input[Model], evaluation: Input[Dataset], mlflo
     return str(result["champion"])
 
 
-STAGES = (resolve_params, dataset, features, train_vae, encode, train_align, train, evaluate, register)
+STAGES = (resolve_params, dataset, features, train_vae, encode, train_align, train, evaluate, reference,
+          register)
 
 
 def build(base_image: str) -> dict:

@@ -42,6 +42,27 @@ def training_run_id(train_metrics: str | None) -> str | None:
     return json.loads(Path(train_metrics).read_text())["mlflow_run_id"]
 
 
+def report_results(results, where: str = "") -> int:
+    """One line per finished input, a count on stderr; exit 1 when any input failed (each said why)."""
+    done = [r for r in results if not r.error]
+    for r in done:
+        print(f"{r.input} -> {r.wav}" + (f", {r.video}" if r.video else "") + f" ({r.seconds:.1f} s)")
+    print(f"{len(done)} of {len(results)} videos done{where}", file=sys.stderr)
+    return 0 if len(done) == len(results) else 1
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """What `generate` and `client` share: the inputs, the output folder, the sampling overrides."""
+    p.add_argument("input", help="a video file, a folder of videos, or a CSV listing them")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--steps", type=int, help="DPM-Solver++ steps (default: the checkpoint's, 25)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mux", action="store_true", help="write only the WAV")
+    p.add_argument("--split", help="with a dataset's metadata.csv: only this split (train, val, test)")
+    p.add_argument("--limit", type=int, help="only the first N inputs")
+
+
 def cmd_generate(args) -> int:
     from .checkpoint import load_checkpoint
     from .generate import generate_files, with_overrides
@@ -52,11 +73,7 @@ def cmd_generate(args) -> int:
         results = generate_files(storage.local_input(args.input), outdir, ckpt, sampling, seed=args.seed,
                                  device=args.device, batch_size=args.batch_size, mux=not args.no_mux,
                                  split=args.split, limit=args.limit)
-    done = [r for r in results if not r.error]
-    for r in done:
-        print(f"{r.input} -> {r.wav}" + (f", {r.video}" if r.video else "") + f" ({r.seconds:.1f} s)")
-    print(f"{len(done)} of {len(results)} videos done", file=sys.stderr)
-    return 0 if len(done) == len(results) else 1
+    return report_results(results)
 
 
 def cmd_models(args) -> int:
@@ -225,7 +242,7 @@ def cmd_register(args) -> int:
     run_id = training_run_id(args.train_metrics)
     evaluation = json.loads(Path(args.evaluation).read_text())
     info = register(args.checkpoint, evaluation, p.mlflow["registered_model"], run_id,
-                    tags={"profile": p.profile})
+                    tags={"profile": p.profile}, reference=args.reference)
     if args.out:
         write_json(args.out, info)
     print(f"registered {info['name']} version {info['version']} as {info['alias']} ({info['model_uri']})")
@@ -258,7 +275,7 @@ def cmd_serve(args) -> int:
         return 0
     if args.export:
         checkpoint, version = serving.resolve_served_model(args.model or settings["model"])
-        serving.export_repository(checkpoint, args.export, version)
+        serving.export_repository(checkpoint, args.export, version, reference=args.reference)
         print(f"wrote a Triton model repository with {serving.MODEL_NAME} version {version} to {args.export}")
         return 0
     running = serving.load_state(state_dir)
@@ -269,17 +286,19 @@ def cmd_serve(args) -> int:
         if version == running.version and not args.model:
             print(f"already serving {serving.MODEL_NAME} version {version}")
             return 0
-        server = serving.reload(running, state_dir, checkpoint, version)
+        server = serving.reload(running, state_dir, checkpoint, version, args.reference)
         print(f"now serving {serving.MODEL_NAME} version {server.version}")
         return 0
     if running is not None:
         raise ValueError(f"a server is already running (pid {running.pid}, gRPC {running.grpc}): "
                          f"--reload swaps its model, --stop stops it")
     checkpoint, version = serving.resolve_served_model(args.model or settings["model"], repository)
-    serving.write_version(repository, checkpoint, version)
+    serving.write_version(repository, checkpoint, version, reference=args.reference)
     serving.prune_versions(repository)
     ports = tuple(args.ports or settings["ports"])
-    server = serving.start(repository, state_dir, args.host or settings["host"], ports, args.config or settings["config"])
+    monitor_log = args.monitor_log if args.monitor_log is not None else p.monitoring["log"]
+    server = serving.start(repository, state_dir, args.host or settings["host"], ports,
+                           args.config or settings["config"], monitor_log)
     print(server.endpoints())
     print(f"stop with: mdsgen serve --stop{' --state-dir ' + str(state_dir) if args.state_dir else ''}")
     return 0
@@ -298,11 +317,38 @@ def cmd_client(args) -> int:
     with storage.staged_output(args.output) as outdir:
         results = client_files(storage.local_input(args.input), outdir, url, args.concurrency, not args.no_mux,
                                args.steps, args.cfg, args.seed, args.split, args.limit)
-    done = [r for r in results if not r.error]
-    for r in done:
-        print(f"{r.input} -> {r.wav}" + (f", {r.video}" if r.video else "") + f" ({r.seconds:.1f} s)")
-    print(f"{len(done)} of {len(results)} videos done via {url}", file=sys.stderr)
-    return 0 if len(done) == len(results) else 1
+    return report_results(results, f" via {url}")
+
+
+def cmd_reference(args) -> int:
+    from .config import load_params
+    from .monitoring import build_reference
+
+    m = load_params(args.params).monitoring
+    meta = build_reference(args.checkpoint, args.latents, args.out, m["reference_clips"], m["components"], m["seed"])
+    print(f"monitoring reference: {meta['clips']} training clips summarised into {args.out}")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from . import monitoring
+
+    p = use_mlflow(args.params)
+    reference = args.reference or str(Path(resolve_model(args.model, args.params)) / "monitoring")
+    if not Path(reference, monitoring.REFERENCE_FILE).is_file():
+        raise FileNotFoundError(f"{reference}: no monitoring reference ({monitoring.REFERENCE_FILE}); "
+                                f"register the model with `--reference` or pass --reference")
+    since = monitoring.parse_since(args.since) if args.since else None
+    records = monitoring.read_records(args.log or p.monitoring["log"], since)
+    threshold = args.threshold if args.threshold is not None else p.monitoring["drift_share"]
+    summary = monitoring.drift_report(records, reference, args.out, threshold)
+    if not args.no_mlflow:
+        summary["mlflow_run_id"] = monitoring.log_report(summary, args.out, p.mlflow["experiment"])
+    print(f"{summary['current_requests']} requests against {summary['reference_rows']} reference clips: "
+          f"drifted share {summary['drifted_share']:.2f} (alert at {threshold}); "
+          f"drifted: {', '.join(summary['drifted_columns']) or 'none'}")
+    print(f"report: {Path(args.out) / 'report.html'}, summary: {Path(args.out) / 'summary.json'}")
+    return 1 if summary["alert"] else 0
 
 
 def cmd_compare_mels(args) -> int:
@@ -325,20 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="give videos a generated soundtrack (WAV + muxed video)")
-    p.add_argument("input", help="a video file, a folder of videos, or a CSV listing them")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    add_generation_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint folder or s3:// prefix")
     source.add_argument("--model", help="a registered model, e.g. models:/mdsgen@champion")
     p.add_argument("--params", default="params.yaml", help="for the MLflow store of --model")
-    p.add_argument("--steps", type=int, help="DPM-Solver++ steps (default: the checkpoint's, 25)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=8, help="windows sampled together")
-    p.add_argument("--no-mux", action="store_true", help="write only the WAV")
-    p.add_argument("--split", help="with a dataset's metadata.csv: only this split (train, val, test)")
-    p.add_argument("--limit", type=int, help="only the first N inputs")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve the champion on Triton Inference Server (--reload, --stop)")
@@ -351,22 +390,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ports", type=int, nargs=3, metavar=("HTTP", "GRPC", "METRICS"), help="0 picks a free port")
     p.add_argument("--config", help="model config override from serving/mdsgen/configs/ (cpu, gpu)")
     p.add_argument("--state-dir", help="repository, server record and log (default: serving.state_dir)")
+    p.add_argument("--reference", help="a monitoring reference folder to serve with --model (registered models carry theirs)")
+    p.add_argument("--monitor-log", help="request records folder or s3:// prefix (default: monitoring.log; '' for none)")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="generate through a running server (Triton gRPC)")
-    p.add_argument("input", help="a video file, a folder of videos, or a CSV listing them")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    add_generation_args(p)
     p.add_argument("--url", help="gRPC host:port (default: the server `mdsgen serve` started)")
     p.add_argument("--state-dir", default="runs/serving")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (the server batches them)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--cfg", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-mux", action="store_true", help="write only the WAV")
-    p.add_argument("--split", help="with a dataset's metadata.csv: only this split")
-    p.add_argument("--limit", type=int, help="only the first N inputs")
     p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("reference", help="the monitoring reference: summaries of training clips and their outputs")
+    p.add_argument("checkpoint", nargs="?", default="models/mdsgen")
+    p.add_argument("--latents", default="data/latents")
+    p.add_argument("--out", default="models/reference")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("monitor", help="Evidently drift report of served requests against the reference (exit 1: drift)")
+    p.add_argument("--since", help="30m, 12h, 7d or an ISO time (default: every record)")
+    p.add_argument("--log", help="the request records: folder or s3:// prefix (default: monitoring.log)")
+    p.add_argument("--model", default="models:/mdsgen@champion", help="the model whose reference to compare with")
+    p.add_argument("--reference", help="a reference folder instead of the model's")
+    p.add_argument("--threshold", type=float, help="drifted share that alerts (default: monitoring.drift_share)")
+    p.add_argument("--out", default="reports/monitor")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("compare-mels", help="a PNG of real vs generated mels for generated WAVs and their videos")
     p.add_argument("generated", help="folder of generated <stem>.wav")
@@ -467,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default="models/mdsgen")
     p.add_argument("--evaluation", default="reports/eval-metrics.json")
     p.add_argument("--train-metrics", default="reports/train-metrics.json")
+    p.add_argument("--reference", help="monitoring reference folder (mdsgen reference) to ship with the model")
     p.add_argument("--out", default="reports/registry.json")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_register)

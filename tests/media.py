@@ -68,3 +68,19 @@ def rotate_mp4(path, out_path) -> Path:
     data[matrix:matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
     Path(out_path).write_bytes(bytes(data))
     return Path(out_path)
+
+
+def darken(source, path, factor: float = 0.15) -> Path:
+    """A copy of `source`'s video stream with every frame's brightness scaled by `factor` (no sound)."""
+    path = Path(path)
+    with av.open(str(source)) as src, av.open(str(path), "w") as out:
+        stream = src.streams.video[0]
+        video = out.add_stream("libx264", rate=stream.average_rate)
+        video.width, video.height, video.pix_fmt = stream.width, stream.height, "yuv420p"
+        for i, frame in enumerate(src.decode(stream)):
+            image = (frame.to_ndarray(format="rgb24") * factor).astype(np.uint8)
+            new = av.VideoFrame.from_ndarray(image, format="rgb24")
+            new.pts = i
+            out.mux(video.encode(new))
+        out.mux(video.encode(None))
+    return path

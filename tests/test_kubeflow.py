@@ -12,7 +12,7 @@ import yaml
 
 from procs import ROOT, run
 
-ORDER = ["resolve-params", "dataset", "features", "train-vae", "encode", "train", "evaluate", "register"]
+ORDER = ["resolve-params", "dataset", "features", "train-vae", "encode", "train", "evaluate", "reference", "register"]
 QUALITY = ("frechet_distance", "kl", "inception_score", "class_agreement", "onset_median_error_ms", "onset_f1",
            "align_aligned_share")
 CONTINUOUS = ("frechet_distance", "kl", "inception_score")

@@ -24,7 +24,8 @@ def server(tmp_path_factory, untrained_checkpoint):
     from mdsgen.serving import load_state
 
     state = tmp_path_factory.mktemp("serving")
-    out = mdsgen("serve", "--model", str(untrained_checkpoint), "--ports", "0", "0", "0", "--state-dir", str(state))
+    out = mdsgen("serve", "--model", str(untrained_checkpoint), "--ports", "0", "0", "0", "--state-dir", str(state),
+                 "--monitor-log", str(state / "records"))
     assert "gRPC" in out.stdout and "version 1" in out.stdout
     try:
         yield load_state(state), state
@@ -86,6 +87,13 @@ def test_same_seed_as_generate(server, client, untrained_checkpoint, bigbuckbunn
     from_features = client.soundtrack(features=features, duration=len(want.wave) / want.sample_rate,
                                       steps=STEPS, seed=5)
     np.testing.assert_allclose(from_features.wave, want.wave, atol=1e-4 * np.abs(want.wave).max())
+    # each request left a record; without a reference the input summary has no principal components
+    from mdsgen.monitoring import wait_for_records
+
+    records = wait_for_records(str(server[1] / "records"), 3)
+    assert len(records) >= 3 and {r["model_version"] for r in records} == {"1"}
+    assert {"feature_mean", "loudness_db", "top_class"} <= set(records[0]["summary"])
+    assert "feature_pc1" not in records[0]["summary"]
 
 
 def test_long_video_windows_on_the_server(server, client, untrained_checkpoint, video_20s):
@@ -234,7 +242,8 @@ def test_serve_refuses_a_second_server_and_stops_cleanly(tmp_path, untrained_che
     from mdsgen.serving import load_state
 
     state = tmp_path / "serving"
-    mdsgen("serve", "--model", str(untrained_checkpoint), "--ports", "0", "0", "0", "--state-dir", str(state))
+    mdsgen("serve", "--model", str(untrained_checkpoint), "--ports", "0", "0", "0", "--state-dir", str(state),
+           "--monitor-log", "")
     server = load_state(state)
     try:
         again = mdsgen("serve", "--model", str(untrained_checkpoint), "--state-dir", str(state), check=False)
@@ -270,7 +279,8 @@ def test_serve_the_champion(ci_repo, pipeline_env, bigbuckbunny, tmp_path):
 
     repo, _ = ci_repo
     state = tmp_path / "serving"
-    mdsgen("serve", "--ports", "0", "0", "0", "--state-dir", str(state), cwd=repo, env=pipeline_env)
+    mdsgen("serve", "--ports", "0", "0", "0", "--state-dir", str(state), "--monitor-log", "", cwd=repo,
+           env=pipeline_env)
     try:
         server = load_state(state)
         champion = MlflowClient(pipeline_env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias("mdsgen", "champion")

@@ -1,0 +1,249 @@
+"""MDSGen's speed claim, measured side by side in one run (these machines are noisy: read the ratios).
+
+    python benchmarks/speed.py [--sizes T S B] [--repeats 3] [--json benchmarks/results/speed.json]
+
+1. Denoiser: seconds per clip for 25 DPM-Solver++ steps with CFG at batch 1, per size, against a
+   Diff-Foley-size U-Net (diffusers UNet2DConditionModel with Stable Diffusion v1's configuration, random
+   weights, cross-attention on the 32 frame features, same 4 x 16 x 64 latent). The U-Net is timed on
+   `--unet-steps` steps (its per-step cost is constant) and scaled to 25. FLOPs per clip come from
+   torch's FlopCounterMode; the floor is FLOPs over this machine's measured fp32 matmul rate.
+2. End to end per stage, T: decode, frame features, denoise, VAE decode, Griffin-Lim, mux, for an 8.2 s
+   clip and a 60 s video (synthetic, 640 x 360 at 25 fps).
+4. Training: seconds per step at batch 8 for TAM, SAM and no mask (T).
+5. Memory: peak resident memory of a fresh process sampling one clip, per size.
+(3, serving, is benchmarks/serving.py.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mdsgen.diffusion import SamplingConfig, sample, training_loss  # noqa: E402
+from mdsgen.model import MDSGen, config_for  # noqa: E402
+
+FEATURE_DIM = 1280  # the embedded EfficientNet-Lite0 frame encoder
+STEPS = 25
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops_of(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(repeats: int) -> float:
+    """FLOP/s of a 2048^3 fp32 matmul: the ceiling the denoiser's matmuls can reach here."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048 ** 3 / median_seconds(lambda: a @ b, max(repeats, 5))
+
+
+def diff_foley_unet():
+    """Stable Diffusion v1's U-Net layout (860M parameters) with cross-attention on the frame features."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=(16, 64), in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+    project = torch.nn.Linear(FEATURE_DIM, 768)
+    return unet, project
+
+
+def bench_denoiser(sizes, repeats: int, unet_steps: int, rate: float) -> dict:
+    features = torch.randn(1, 32, FEATURE_DIM)
+    rows = {}
+    for size in sizes:
+        model = MDSGen(config_for(size, feature_dim=FEATURE_DIM)).eval()
+        run = lambda: sample(model, features, SamplingConfig(steps=STEPS))  # noqa: E731
+        seconds = median_seconds(run, repeats)
+        flops = flops_of(run)
+        rows[size] = {"params": model.parameter_counts()["inference"], "s_per_clip": seconds,
+                      "gflops_per_clip": flops / 1e9, "floor_s": flops / rate, "share_of_matmul_rate": flops / rate / seconds}
+    unet, project = diff_foley_unet()
+    x, t = torch.randn(2, 4, 16, 64), torch.tensor([500, 500])
+    context = project(torch.cat([features, torch.zeros_like(features)]))
+
+    @torch.no_grad()
+    def unet_steps_fn():
+        for _ in range(unet_steps):
+            unet(x, t, encoder_hidden_states=context)
+
+    step = median_seconds(unet_steps_fn, max(1, repeats // 2)) / unet_steps
+    flops = flops_of(lambda: torch.no_grad()(lambda: unet(x, t, encoder_hidden_states=context))()) * STEPS
+    rows["unet"] = {"params": sum(p.numel() for p in unet.parameters()), "s_per_clip": step * STEPS,
+                    "gflops_per_clip": flops / 1e9, "floor_s": flops / rate, "share_of_matmul_rate": flops / rate / (step * STEPS),
+                    "note": f"timed on {unet_steps} CFG steps, scaled to {STEPS}"}
+    for size in sizes:
+        rows[size]["speedup_over_unet"] = rows["unet"]["s_per_clip"] / rows[size]["s_per_clip"]
+    return rows
+
+
+def synthetic_video(path: Path, seconds: float, fps: int = 25, size=(640, 360)) -> Path:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        for i in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def bench_end_to_end(repeats: int) -> dict:
+    from mdsgen.audio import griffin_lim
+    from mdsgen.checkpoint import init_checkpoint
+    from mdsgen.config import Params
+    from mdsgen.generate import VideoToAudio
+    from mdsgen.video import mux_audio
+
+    generator = VideoToAudio(init_checkpoint(Params()))
+    sampling = generator.ckpt.sampling
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, seconds in (("clip_8.2s", 8.192), ("video_60s", 60.0)):
+            video = synthetic_video(Path(tmp) / f"{name}.mp4", seconds)
+            timings = []
+            for _ in range(repeats if seconds < 10 else 1):
+                t = {}
+                start = time.perf_counter()
+                windows = generator.read(video); t["decode"] = time.perf_counter() - start
+                start = time.perf_counter()
+                feats = generator.features(windows); t["frame_features"] = time.perf_counter() - start
+                start = time.perf_counter()
+                latents = generator.latents(feats, sampling, 0); t["denoise"] = time.perf_counter() - start
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    mels = torch.cat([generator.ckpt.vae.decode(z) for z in latents.split(generator.batch_size)])
+                t["vae_decode"] = time.perf_counter() - start
+                start = time.perf_counter()
+                waves = griffin_lim(mels.float(), generator.ckpt.audio); t["griffin_lim"] = time.perf_counter() - start
+                start = time.perf_counter()
+                wave = generator.join(waves, windows.duration)
+                mux_audio(video, wave, generator.ckpt.audio.sample_rate, Path(tmp) / f"{name}-out")
+                t["join_and_mux"] = time.perf_counter() - start
+                timings.append(t)
+            stages = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
+            total = sum(stages.values())
+            rows[name] = {"windows": windows.count, "stages_s": stages, "total_s": total,
+                          "total_over_denoise": total / stages["denoise"]}
+    return rows
+
+
+def bench_training(repeats: int, batch: int = 8) -> dict:
+    from adan_pytorch import Adan
+
+    rows = {}
+    x0, features = torch.randn(batch, 4, 16, 64), torch.randn(batch, 32, FEATURE_DIM)
+    for mask in ("tam", "sam", "none"):
+        torch.manual_seed(0)
+        model = MDSGen(config_for("T", feature_dim=FEATURE_DIM, mask_strategy=mask)).train()
+        optimizer = Adan(model.parameters(), lr=1e-4)
+
+        def step():
+            loss = training_loss(model, x0, features)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        rows[mask] = {"s_per_step": median_seconds(step, repeats)}
+    for mask in rows:
+        rows[mask]["over_no_mask"] = rows[mask]["s_per_step"] / rows["none"]["s_per_step"]
+    return rows
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+from mdsgen.diffusion import SamplingConfig, sample
+from mdsgen.model import MDSGen, config_for
+model = MDSGen(config_for(sys.argv[1], feature_dim=1280)).eval()
+sample(model, torch.randn(1, 32, 1280), SamplingConfig())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(sizes) -> dict:
+    baseline = int(subprocess.run([sys.executable, "-c", "import resource, torch, mdsgen.model, mdsgen.diffusion; "
+                                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                                  capture_output=True, text=True, cwd=ROOT, check=True).stdout)
+    rows = {"imports_only_mb": baseline / 1024}
+    for size in sizes:
+        peak = int(subprocess.run([sys.executable, "-c", MEMORY_PROBE, size], capture_output=True, text=True,
+                                  cwd=ROOT, check=True).stdout)
+        rows[size] = {"peak_rss_mb": peak / 1024, "over_imports_mb": (peak - baseline) / 1024}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=["T", "S", "B"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--unet-steps", type=int, default=2)
+    parser.add_argument("--only", nargs="+", default=["denoiser", "end_to_end", "training", "memory"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rate = matmul_rate(args.repeats)
+    results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "matmul_gflops": rate / 1e9,
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=ROOT).stdout.strip(), "date": time.strftime("%Y-%m-%d")}
+    print(f"fp32 matmul: {rate / 1e9:.1f} GFLOP/s on {results['threads']} threads")
+    if "denoiser" in args.only:
+        results["denoiser"] = bench_denoiser(args.sizes, args.repeats, args.unet_steps, rate)
+        for name, r in results["denoiser"].items():
+            print(f"denoiser {name:4} {r['params'] / 1e6:7.1f}M  {r['s_per_clip']:8.3f} s/clip  "
+                  f"{r['gflops_per_clip']:9.1f} GFLOP  {100 * r['share_of_matmul_rate']:5.1f}% of matmul rate"
+                  + (f"  {r['speedup_over_unet']:.1f}x faster than the U-Net" if "speedup_over_unet" in r else ""))
+    if "end_to_end" in args.only:
+        results["end_to_end"] = bench_end_to_end(args.repeats)
+        for name, r in results["end_to_end"].items():
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items())
+            print(f"{name}: {r['total_s']:.2f} s ({r['total_over_denoise']:.2f}x the denoiser): {stages}")
+    if "training" in args.only:
+        results["training"] = bench_training(args.repeats)
+        print("training step, T, batch 8: " + ", ".join(
+            f"{m} {r['s_per_step']:.3f} s ({r['over_no_mask']:.2f}x)" for m, r in results["training"].items()))
+    if "memory" in args.only:
+        results["memory"] = bench_memory(args.sizes)
+        print("peak RSS sampling one clip: " + ", ".join(
+            f"{s} {r['peak_rss_mb']:.0f} MB" for s, r in results["memory"].items() if isinstance(r, dict)))
+    results["peak_rss_this_process_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

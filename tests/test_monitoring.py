@@ -1,0 +1,156 @@
+"""Monitoring: request records (crash-safe, local and S3), the reference the pipeline registers with the
+model, and Evidently drift reports on real traffic through Triton."""
+import json
+import sys
+import warnings
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from procs import run
+
+
+def record(i: int, when: datetime) -> dict:
+    return {"time": when.isoformat(), "model_version": "1", "latency_s": 0.1, "summary": {"x": float(i)}}
+
+
+def test_record_log_survives_a_cut_last_line(tmp_path):
+    from mdsgen.monitoring import RecordLog, read_records
+
+    now = datetime.now(timezone.utc)
+    log = RecordLog(tmp_path / "records")
+    for i in range(3):
+        log.append(record(i, now + timedelta(seconds=i)))
+    (file,) = (tmp_path / "records").glob("*.jsonl")
+    with open(file, "a") as f:
+        f.write('{"time": "2026-01-01T00:00:00+00:00", "summ')  # a crash in the middle of a write
+    with pytest.warns(UserWarning, match="partial last line skipped"):
+        records = read_records(tmp_path / "records")
+    assert [r["summary"]["x"] for r in records] == [0.0, 1.0, 2.0]
+    RecordLog(tmp_path / "records").append(record(3, now + timedelta(seconds=3)))  # the restarted server
+    with pytest.warns(UserWarning, match="partial last line skipped"):
+        records = read_records(tmp_path / "records", since=now + timedelta(seconds=1))
+    assert [r["summary"]["x"] for r in records] == [1.0, 2.0, 3.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_records(tmp_path / "nothing-yet") == []
+
+
+def test_record_log_on_s3(s3_server):
+    from mdsgen.monitoring import RecordLog, read_records
+
+    now = datetime.now(timezone.utc)
+    log = RecordLog(f"{s3_server}/records", flush_every=2)
+    for i in range(5):
+        log.append(record(i, now + timedelta(seconds=i)))
+    log.close()  # the last, partial buffer is written too
+    assert [r["summary"]["x"] for r in read_records(f"{s3_server}/records")] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_since_accepts_durations_and_times():
+    from mdsgen.monitoring import parse_since
+
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+    assert parse_since("30m", now) == now - timedelta(minutes=30)
+    assert parse_since("2d", now) == now - timedelta(days=2)
+    assert parse_since("2026-11-26T10:00:00", now) == datetime(2026, 11, 26, 10, tzinfo=timezone.utc)
+    with pytest.raises(ValueError, match="--since 'yesterday'"):
+        parse_since("yesterday", now)
+
+
+def mdsgen(args, cwd, env, check=True):
+    return run([sys.executable, "-m", "mdsgen", *args], cwd, env, check=check)
+
+
+@pytest.fixture(scope="module")
+def traffic(ci_repo, pipeline_env, tmp_path_factory):
+    """Fresh clips from the ci dataset's distribution (another seed) and dark copies of them."""
+    from media import darken
+
+    repo, _ = ci_repo
+    root = tmp_path_factory.mktemp("traffic")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["dataset"]["seed"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    mdsgen(["dataset", "build", "--out", str(root / "fresh"), "--params", str(root / "params.yaml")], repo,
+           pipeline_env)
+    dark = root / "dark"
+    dark.mkdir()
+    for clip in sorted((root / "fresh" / "clips").glob("*.mp4")):
+        darken(clip, dark / clip.name)
+    return root / "fresh" / "clips", dark
+
+
+def serve_and_monitor(repo, env, videos, work) -> tuple:
+    """Serve the champion, send every video through the client, stop, then `mdsgen monitor`."""
+    from mdsgen.monitoring import wait_for_records
+
+    state, records = work / "serving", work / "records"
+    mdsgen(["serve", "--ports", "0", "0", "0", "--state-dir", str(state), "--monitor-log", str(records)], repo, env)
+    try:
+        mdsgen(["client", str(videos), "-o", str(work / "out"), "--state-dir", str(state), "--no-mux",
+                "--concurrency", "4"], repo, env)
+    finally:
+        mdsgen(["serve", "--stop", "--state-dir", str(state)], repo, env, check=False)
+    count = len(list(videos.glob("*.mp4")))
+    assert len(wait_for_records(str(records), count, timeout=30)) == count  # one record per request
+    proc = mdsgen(["monitor", "--log", str(records), "--out", str(work / "report"), "--since", "1h"], repo, env,
+                  check=False)
+    return proc, json.loads((work / "report" / "summary.json").read_text())
+
+
+def test_the_registered_model_carries_its_reference(ci_repo, pipeline_env):
+    import mlflow
+
+    from mdsgen.monitoring import REFERENCE_FILE, SUMMARIZER_FILE
+    from mdsgen.registry import resolve_checkpoint
+
+    repo, _ = ci_repo
+    rows = (repo / "models" / "reference" / REFERENCE_FILE).read_text().splitlines()
+    assert len(rows) == 16 and json.loads(rows[0])["summary"]["top_class"].startswith("class_")
+    mlflow.set_tracking_uri(pipeline_env["MLFLOW_TRACKING_URI"])
+    registered = Path(resolve_checkpoint("models:/mdsgen@champion")) / "monitoring"
+    assert (registered / SUMMARIZER_FILE).is_file()
+    assert (registered / REFERENCE_FILE).read_text().splitlines() == rows
+
+
+def test_same_distribution_raises_no_drift_and_dark_videos_do(ci_repo, pipeline_env, traffic, tmp_path):
+    from mlflow import MlflowClient
+
+    repo, _ = ci_repo
+    fresh, dark = traffic
+    same_proc, same = serve_and_monitor(repo, pipeline_env, fresh, tmp_path / "same")
+    assert same_proc.returncode == 0, same_proc.stdout + same_proc.stderr
+    assert not same["alert"] and same["drifted_share"] < same["threshold"]
+    assert same["current_requests"] == len(list(fresh.glob("*.mp4"))) and same["reference_rows"] == 16
+    assert (tmp_path / "same" / "report" / "report.html").stat().st_size > 100_000  # Evidently's self-contained page
+
+    dark_proc, shifted = serve_and_monitor(repo, pipeline_env, dark, tmp_path / "dark")
+    assert dark_proc.returncode == 1, dark_proc.stdout + dark_proc.stderr  # a scheduler can alert on it
+    assert shifted["alert"] and shifted["drifted_share"] >= shifted["threshold"]
+    # the input summaries see the darker frames (measured: the first principal component), and the sound
+    # generated from them changes too
+    inputs = [c for c in shifted["drifted_columns"] if c.startswith("feature_")]
+    outputs = [c for c in shifted["drifted_columns"] if not c.startswith("feature_")]
+    assert inputs and outputs, shifted["drifted_columns"]
+    assert all(shifted["columns"][c]["score"] < 0.05 for c in inputs)  # K-S p-values
+    assert f"drifted: {', '.join(shifted['drifted_columns'])}" in dark_proc.stdout
+
+    run_id = shifted["mlflow_run_id"]
+    logged = MlflowClient(pipeline_env["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert logged.data.metrics["drifted_share"] == pytest.approx(shifted["drifted_share"])
+    assert logged.data.tags["alert"] == "true"
+    artifacts = {a.path for a in MlflowClient(pipeline_env["MLFLOW_TRACKING_URI"]).list_artifacts(run_id, "drift")}
+    assert {"drift/report.html", "drift/summary.json"} <= artifacts
+
+
+def test_monitor_without_traffic_or_reference_says_why(ci_repo, pipeline_env, tmp_path):
+    repo, _ = ci_repo
+    empty = mdsgen(["monitor", "--log", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--no-mlflow"], repo,
+                   pipeline_env, check=False)
+    assert empty.returncode == 2 and "no served requests" in empty.stderr
+    missing = mdsgen(["monitor", "--reference", str(tmp_path), "--log", str(tmp_path), "--no-mlflow"], repo,
+                     pipeline_env, check=False)
+    assert missing.returncode == 2 and "no monitoring reference" in missing.stderr
