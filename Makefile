@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -U pip
 	# torch first: the CPU wheel on disk; a GPU user who installed their own torch keeps it
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,pipeline,kubeflow,serving]"
+	$(PY) -m pip install -q -e ".[test,pipeline,kubeflow,serving,monitoring]"
 	# aisfx ships the evaluation's pretrained sound network; its pins (librosa 0.9, numpy 1.23) are stale
 	$(PY) -m pip install -q --no-deps "$(AISFX)"
 	touch $(STAMP)
