@@ -158,6 +158,12 @@ def bench_end_to_end(repeats: int) -> dict:
             total = sum(stages.values())
             rows[name] = {"windows": windows.count, "stages_s": stages, "total_s": total,
                           "total_over_denoise": total / stages["denoise"]}
+    # the vocoder: batched torch Griffin-Lim against librosa's, one clip
+    from mdsgen.audio import griffin_lim_librosa
+
+    mel = torch.rand(128, 512) * 0.6
+    rows["griffin_lim_one_clip"] = {"torch_s": median_seconds(lambda: griffin_lim(mel), repeats),
+                                    "librosa_s": median_seconds(lambda: griffin_lim_librosa(mel.numpy()), repeats)}
     return rows
 
 
@@ -228,9 +234,12 @@ def main() -> None:
                   + (f"  {r['speedup_over_unet']:.1f}x faster than the U-Net" if "speedup_over_unet" in r else ""))
     if "end_to_end" in args.only:
         results["end_to_end"] = bench_end_to_end(args.repeats)
+        vocoder = results["end_to_end"].pop("griffin_lim_one_clip")
+        print(f"Griffin-Lim, one clip: torch {vocoder['torch_s']:.3f} s, librosa {vocoder['librosa_s']:.3f} s")
         for name, r in results["end_to_end"].items():
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items())
             print(f"{name}: {r['total_s']:.2f} s ({r['total_over_denoise']:.2f}x the denoiser): {stages}")
+        results["end_to_end"]["griffin_lim_one_clip"] = vocoder
     if "training" in args.only:
         results["training"] = bench_training(args.repeats)
         print("training step, T, batch 8: " + ", ".join(
