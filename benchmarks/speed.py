@@ -189,19 +189,19 @@ def bench_training(repeats: int, batch: int = 8) -> dict:
     return rows
 
 
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child would report this process's peak
+PEAK_KB = "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))"
 MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 from mdsgen.diffusion import SamplingConfig, sample
 from mdsgen.model import MDSGen, config_for
 model = MDSGen(config_for(sys.argv[1], feature_dim=1280)).eval()
 sample(model, torch.randn(1, 32, 1280), SamplingConfig())
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+""" + PEAK_KB
 
 
 def bench_memory(sizes) -> dict:
-    baseline = int(subprocess.run([sys.executable, "-c", "import resource, torch, mdsgen.model, mdsgen.diffusion; "
-                                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+    baseline = int(subprocess.run([sys.executable, "-c", "import torch, mdsgen.model, mdsgen.diffusion\n" + PEAK_KB],
                                   capture_output=True, text=True, cwd=ROOT, check=True).stdout)
     rows = {"imports_only_mb": baseline / 1024}
     for size in sizes:
