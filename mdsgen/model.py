@@ -112,10 +112,16 @@ class FrameTokens(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-    """A learned bias per head for every 2-D offset between tokens (BEiT)."""
+    """A learned bias per head for every 2-D offset between tokens (BEiT).
+
+    At inference the full-grid bias is the same for every call until the table changes: it is built
+    once and reused (50 denoiser calls per clip would otherwise gather and copy it in every block)."""
+
+    cache_at_inference = True
 
     def __init__(self, grid: tuple[int, int], num_heads: int):
         super().__init__()
+        self._cached: tuple | None = None  # (table version, device, dtype), bias
         h, w = grid
         self.table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1), num_heads))
         coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
@@ -126,7 +132,14 @@ class RelativePositionBias(nn.Module):
     def forward(self, ids: torch.Tensor | None) -> torch.Tensor:
         """Bias [1 or B, heads, N, N] for all tokens, or for the tokens `ids` [B, n] of each sample."""
         if ids is None:
-            return self.table[self.index].permute(2, 0, 1).unsqueeze(0).contiguous()
+            caching = self.cache_at_inference and not torch.is_grad_enabled()
+            key = (self.table._version, self.table.device, self.table.dtype)
+            if caching and self._cached is not None and self._cached[0] == key:
+                return self._cached[1]
+            bias = self.table[self.index].permute(2, 0, 1).unsqueeze(0).contiguous()
+            if caching:
+                self._cached = (key, bias)
+            return bias
         index = self.index[ids[:, :, None], ids[:, None, :]]  # [B, n, n]
         return self.table[index].permute(0, 3, 1, 2).contiguous()  # SDPA needs a dense mask to stay fast
 

@@ -152,3 +152,33 @@ def test_frame_tokens_start_as_the_paper_model_and_put_each_frame_on_its_column(
     changed = (seen[0] - seen[1]).abs().sum(-1)[0] > 0          # [256 tokens]
     assert changed.nonzero().flatten().tolist() == [r * 32 + 5 for r in range(8)]
     assert aligned.parameter_counts()["inference"] > paper.parameter_counts()["inference"]
+
+
+def test_inference_reuses_the_position_bias_until_the_weights_change():
+    from mdsgen.model import MDSGen, RelativePositionBias, config_for
+
+    torch.manual_seed(0)
+    model = MDSGen(config_for("T", feature_dim=64)).eval()
+    for param in model.parameters():  # adaLN-Zero and zero tables at init: give every part a say
+        torch.nn.init.normal_(param, std=0.05)
+    x, t, f = torch.randn(2, 4, 16, 64), torch.tensor([10, 900]), torch.randn(2, 32, 64)
+    with torch.no_grad():
+        first = model(x, t, f)
+        assert first.abs().max() > 0
+        bias = model.en_blocks[0].rel_pos(None)
+        assert model.en_blocks[0].rel_pos(None) is bias  # built once
+        assert torch.equal(model(x, t, f), first)
+        RelativePositionBias.cache_at_inference = False
+        try:
+            assert torch.equal(model(x, t, f), first)  # the cache changes nothing
+        finally:
+            RelativePositionBias.cache_at_inference = True
+        # new weights (a checkpoint load, a training step) invalidate it
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["en_blocks.0.rel_pos.table"] += 1.0
+        model.load_state_dict(state)
+        assert not torch.equal(model.en_blocks[0].rel_pos(None), bias)
+        assert not torch.equal(model(x, t, f), first)
+    with torch.enable_grad():  # training never reads the cache
+        model.train()
+        assert model.en_blocks[0].rel_pos(None).requires_grad
