@@ -12,7 +12,7 @@ import yaml
 
 from procs import ROOT, run
 
-ORDER = ["resolve-params", "dataset", "features", "train-vae", "encode", "train", "evaluate", "reference", "register"]
+ORDER = ["resolve-params", "dataset", "features", "train-vae", "encode", "train", "evaluate", "register"]
 QUALITY = ("frechet_distance", "kl", "inception_score", "class_agreement", "onset_median_error_ms", "onset_f1",
            "align_aligned_share")
 CONTINUOUS = ("frechet_distance", "kl", "inception_score")
@@ -46,10 +46,11 @@ def upstream(tasks, name):
 def test_every_stage_is_a_task_in_order(compiled):
     spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == set(ORDER) | {"train-align"}
+    assert set(tasks) == set(ORDER) | {"train-align", "reference"}
     for i, name in enumerate(ORDER[1:], start=1):
         assert set(ORDER[:i]) <= upstream(tasks, name) | {name}, name
     assert {"train-align", "train"} <= upstream(tasks, "evaluate") and "evaluate" in upstream(tasks, "register")
+    assert {"train", "encode"} <= upstream(tasks, "reference") and "reference" in upstream(tasks, "register")
     caching = {name: t.get("cachingOptions", {}).get("enableCache", False) for name, t in tasks.items()}
     assert all(caching[n] for n in ("dataset", "features", "train-vae", "encode", "train-align"))
     assert not any(caching[n] for n in ("train", "evaluate", "register"))
@@ -154,7 +155,7 @@ def test_run_local_matches_dvc_repro(ci_repo, mlflow_server, pipeline_env, tmp_p
     for artifact in ("dataset/dataset/metadata.csv", "features/features/index.json", "train-vae/vae/config.json",
                      "encode/latents/train.safetensors", "train/model/model.safetensors",
                      "train-align/align/align.safetensors", "evaluate/evaluation/metrics.json", "evaluate/table",
-                     "register/decision"):
+                     "reference/reference/reference.jsonl", "register/decision"):
         assert (run_dir / artifact).exists(), artifact
     assert "| model |" in (run_dir / "evaluate/table").read_text()
 
