@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # DVC stages call `mdsgen`: the venv's bin comes first on PATH
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-serve test clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -33,6 +33,10 @@ demo: setup
 	mdsgen models
 	mdsgen params use demo
 	dvc repro
+	$(MAKE) --no-print-directory demo-serve
+
+# The serving half alone, on whatever champion the registry holds.
+demo-serve: setup
 	-mdsgen serve --stop
 	mdsgen serve --ports 0 0 0
 	status=0; \
