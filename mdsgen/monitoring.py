@@ -55,13 +55,10 @@ class Summarizer:
         tensors = load_file(str(Path(folder) / SUMMARIZER_FILE))
         return cls(tensors["mean"], tensors["components"])
 
-    def inputs(self, features: torch.Tensor) -> dict:
-        """features [windows, frames, F] of one request."""
-        features = features.float().cpu()
-        projection = (features.mean((0, 1)) - self.mean) @ self.components.T
-        summary = {"feature_mean": float(features.mean()), "feature_std": float(features.std())}
-        summary.update({f"feature_pc{i + 1}": float(v) for i, v in enumerate(projection)})
-        return summary
+    def components_of(self, features: torch.Tensor) -> dict:
+        """The request's mean feature vector on the training set's principal directions."""
+        projection = (features.float().cpu().mean((0, 1)) - self.mean) @ self.components.T
+        return {f"feature_pc{i + 1}": float(v) for i, v in enumerate(projection)}
 
 
 _soundnet = None
@@ -89,7 +86,11 @@ def output_summary(wave: np.ndarray, sample_rate: int) -> dict:
 
 
 def summarize(summarizer: Summarizer | None, features: torch.Tensor, wave: np.ndarray, sample_rate: int) -> dict:
-    inputs = summarizer.inputs(features) if summarizer else {}
+    """One request's summary; the principal components only where a reference's summarizer is known."""
+    features = features.float().cpu()
+    inputs = {"feature_mean": float(features.mean()), "feature_std": float(features.std())}
+    if summarizer is not None:
+        inputs.update(summarizer.components_of(features))
     return {**inputs, **output_summary(wave, sample_rate)}
 
 
