@@ -344,6 +344,7 @@ def cmd_monitor(args) -> int:
     summary = monitoring.drift_report(records, reference, args.out, threshold)
     if not args.no_mlflow:
         summary["mlflow_run_id"] = monitoring.log_report(summary, args.out, p.mlflow["experiment"])
+        write_json(Path(args.out) / "summary.json", summary)  # where the report went, for schedulers
     print(f"{summary['current_requests']} requests against {summary['reference_rows']} reference clips: "
           f"drifted share {summary['drifted_share']:.2f} (alert at {threshold}); "
           f"drifted: {', '.join(summary['drifted_columns']) or 'none'}")
