@@ -86,6 +86,16 @@ def bench_denoiser(sizes, repeats: int, unet_steps: int, rate: float) -> dict:
         flops = flops_of(run)
         rows[size] = {"params": model.parameter_counts()["inference"], "s_per_clip": seconds,
                       "gflops_per_clip": flops / 1e9, "floor_s": flops / rate, "share_of_matmul_rate": flops / rate / seconds}
+    # speed work, before/after in the same run: the position-bias cache (mdsgen/model.py)
+    from mdsgen.model import RelativePositionBias
+
+    model = MDSGen(config_for(sizes[0], feature_dim=FEATURE_DIM)).eval()
+    run = lambda: sample(model, features, SamplingConfig(steps=STEPS))  # noqa: E731
+    RelativePositionBias.cache_at_inference = False
+    before = median_seconds(run, repeats)
+    RelativePositionBias.cache_at_inference = True
+    after = median_seconds(run, repeats)
+    rows["bias_cache"] = {"size": sizes[0], "before_s": before, "after_s": after, "speedup": before / after}
     unet, project = diff_foley_unet()
     x, t = torch.randn(2, 4, 16, 64), torch.tensor([500, 500])
     context = project(torch.cat([features, torch.zeros_like(features)]))
@@ -103,6 +113,17 @@ def bench_denoiser(sizes, repeats: int, unet_steps: int, rate: float) -> dict:
     for size in sizes:
         rows[size]["speedup_over_unet"] = rows["unet"]["s_per_clip"] / rows[size]["s_per_clip"]
     return rows
+
+
+def print_denoiser(rows: dict) -> None:
+    cache = rows.pop("bias_cache")
+    for name, r in rows.items():
+        print(f"denoiser {name:4} {r['params'] / 1e6:7.1f}M  {r['s_per_clip']:8.3f} s/clip  "
+              f"{r['gflops_per_clip']:9.1f} GFLOP  {100 * r['share_of_matmul_rate']:5.1f}% of matmul rate"
+              + (f"  {r['speedup_over_unet']:.1f}x faster than the U-Net" if "speedup_over_unet" in r else ""))
+    print(f"position-bias cache, {cache['size']}: {cache['before_s']:.3f} -> {cache['after_s']:.3f} s/clip "
+          f"({cache['speedup']:.2f}x)")
+    rows["bias_cache"] = cache
 
 
 def synthetic_video(path: Path, seconds: float, fps: int = 25, size=(640, 360)) -> Path:
@@ -228,10 +249,7 @@ def main() -> None:
     print(f"fp32 matmul: {rate / 1e9:.1f} GFLOP/s on {results['threads']} threads")
     if "denoiser" in args.only:
         results["denoiser"] = bench_denoiser(args.sizes, args.repeats, args.unet_steps, rate)
-        for name, r in results["denoiser"].items():
-            print(f"denoiser {name:4} {r['params'] / 1e6:7.1f}M  {r['s_per_clip']:8.3f} s/clip  "
-                  f"{r['gflops_per_clip']:9.1f} GFLOP  {100 * r['share_of_matmul_rate']:5.1f}% of matmul rate"
-                  + (f"  {r['speedup_over_unet']:.1f}x faster than the U-Net" if "speedup_over_unet" in r else ""))
+        print_denoiser(results["denoiser"])
     if "end_to_end" in args.only:
         results["end_to_end"] = bench_end_to_end(args.repeats)
         vocoder = results["end_to_end"].pop("griffin_lim_one_clip")
