@@ -17,7 +17,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,12 +37,6 @@ def ci_checkpoint(folder: Path) -> str:
     params = parse_params(yaml.safe_load(resolve_params((ROOT / "params.yaml").read_text(), "ci")))
     save_checkpoint(init_checkpoint(params), str(folder))
     return str(folder)
-
-
-def batch_sizes(http: str) -> dict:
-    with urllib.request.urlopen(f"{http}/v2/models/{serving.MODEL_NAME}/stats") as r:
-        stats = json.load(r)["model_stats"]
-    return {b["batch_size"]: b["compute_infer"]["count"] for s in stats for b in s.get("batch_stats", [])}
 
 
 def main() -> None:
@@ -92,7 +85,7 @@ def run(args, server, checkpoint: str, clips: list[Path], videos: list[bytes]) -
           f"Triton {per_clip['triton_s']:.3f} s, overhead {per_clip['overhead_pct']:+.1f}%")
     sequential_rate = 1 / statistics.mean(triton)
 
-    before = batch_sizes(server.http)
+    before = server.batch_sizes()
     failures = []
 
     def request(i: int):
@@ -108,7 +101,7 @@ def run(args, server, checkpoint: str, clips: list[Path], videos: list[bytes]) -
     with ThreadPoolExecutor(args.concurrency) as pool:
         list(pool.map(request, range(args.requests)))
     elapsed = time.perf_counter() - start
-    after = batch_sizes(server.http)
+    after = server.batch_sizes()
     batches = {size: after[size] - before.get(size, 0) for size in after if after[size] - before.get(size, 0)}
     load = {"requests": args.requests, "concurrency": args.concurrency, "failures": len(failures),
             "seconds": elapsed, "requests_per_s": args.requests / elapsed,

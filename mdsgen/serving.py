@@ -51,6 +51,12 @@ class Server:
     def grpc(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    def batch_sizes(self) -> dict[int, int]:
+        """Triton's statistics: how many batches of each size the model has run ({size: count})."""
+        with urllib.request.urlopen(f"{self.http}/v2/models/{MODEL_NAME}/stats") as response:
+            stats = json.load(response)["model_stats"]
+        return {b["batch_size"]: b["compute_infer"]["count"] for s in stats for b in s.get("batch_stats", [])}
+
     def endpoints(self) -> str:
         return (f"gRPC    {self.grpc}   (mdsgen client VIDEO --url {self.grpc})\n"
                 f"HTTP    {self.http}\nmetrics http://{self.host}:{self.metrics_port}/metrics\n"

@@ -1,6 +1,5 @@
 """Serving: a real tritonserver (the nvidia-pytriton wheel's) started and stopped by `mdsgen serve`, the gRPC
 client, bad requests, dynamic batching, reload under load, the champion from the registry."""
-import json
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,14 +39,6 @@ def client(server):
     c = SoundtrackClient(server[0].grpc)
     yield c
     c.close()
-
-
-def batch_sizes(server) -> dict:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{server.http}/v2/models/mdsgen/stats") as r:
-        stats = json.load(r)["model_stats"]
-    return {b["batch_size"]: b["compute_infer"]["count"] for s in stats for b in s.get("batch_stats", [])}
 
 
 def test_model_configs_agree_and_hold_no_host_paths():
@@ -157,7 +148,7 @@ def test_concurrent_requests_are_batched_and_unchanged(server, client, untrained
     local = VideoToAudio(str(untrained_checkpoint))
     features = local.features(local.read(bigbuckbunny)).numpy()
     alone = {seed: client.soundtrack(features=features, steps=STEPS, seed=seed).wave for seed in (0, 1)}
-    before = batch_sizes(server[0])
+    before = server[0].batch_sizes()
 
     def request(seed):
         c = SoundtrackClient(server[0].grpc)
@@ -172,7 +163,7 @@ def test_concurrent_requests_are_batched_and_unchanged(server, client, untrained
         # Griffin-Lim's 32 momentum iterations amplify to well under 1% of the signal (measured ~0.1%)
         error = np.linalg.norm(wave - alone[seed]) / np.linalg.norm(alone[seed])
         assert error < 1e-2, f"seed {seed}: relative error {error:.2e} against the request served alone"
-    after = batch_sizes(server[0])
+    after = server[0].batch_sizes()
     grown = {size: after[size] - before.get(size, 0) for size in after}
     assert sum(size * n for size, n in grown.items()) == 24
     assert max(size for size, n in grown.items() if n) > 1, f"no batch larger than one: {grown}"
