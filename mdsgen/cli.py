@@ -235,6 +235,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from .ablations import ARMS, run_sweep, write_report
+
+    p = use_mlflow(args.params)
+    settings = dict(p.ablations, **{k: v for k, v in (("steps", args.steps), ("seeds", args.seeds),
+                                                      ("clips", args.clips)) if v is not None})
+    if not args.report:
+        run_sweep(p, settings, args.arms or list(ARMS), settings["seeds"], storage.local_input(args.latents),
+                  storage.local_input(args.vae), storage.local_input(args.dataset), storage.local_input(args.align),
+                  args.device)
+    write_report(settings["out"], args.out)
+    print(f"tables written to {args.out} from {settings['out']}/runs/")
+    return 0
+
+
 def cmd_register(args) -> int:
     from .registry import register
 
@@ -515,6 +530,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ablate", help="the paper's ablations and ours: train, score and track every arm "
+                                      "and seed, then write REPORT.md's tables")
+    p.add_argument("--arms", nargs="+", help="arms to run (default: all; see mdsgen/ablations.py)")
+    p.add_argument("--seeds", nargs="+", type=int, help="override ablations.seeds")
+    p.add_argument("--steps", type=int, help="override ablations.steps (training steps of every trained arm)")
+    p.add_argument("--clips", type=int, help="override ablations.clips (test clips scored)")
+    p.add_argument("--report", action="store_true", help="only rewrite the tables from the saved results")
+    p.add_argument("--out", default="REPORT.md")
+    p.add_argument("--dataset", default=DATASET_DIR)
+    p.add_argument("--latents", default="data/latents")
+    p.add_argument("--vae", default="models/vae")
+    p.add_argument("--align", default="models/align")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("register", help="register a checkpoint in the MLflow registry as the challenger")
     p.add_argument("checkpoint", nargs="?", default="models/mdsgen")

@@ -23,6 +23,8 @@ SERVING_DEFAULTS = {"host": "127.0.0.1", "ports": [8000, 8001, 8002], "config": 
                     "model": "models:/mdsgen@champion", "state_dir": "runs/serving"}
 MONITORING_DEFAULTS = {"reference_clips": 48, "components": 4, "seed": 0, "log": "runs/serving/records",
                        "drift_share": 0.5}
+ABLATIONS_DEFAULTS = {"steps": 100, "batch_size": 8, "seeds": [0, 1, 2], "clips": None,
+                      "experiment": "mdsgen-ablations", "out": "reports/ablations", "state_dir": "runs/ablations"}
 ALIGN_DEFAULTS = {"steps": 600, "batch_size": 32, "lr": 1e-3, "max_shift_seconds": 2.0, "seed": 0}
 
 
@@ -43,6 +45,7 @@ class Params:
     align: dict = field(default_factory=lambda: dict(ALIGN_DEFAULTS))
     serving: dict = field(default_factory=lambda: copy.deepcopy(SERVING_DEFAULTS))
     monitoring: dict = field(default_factory=lambda: dict(MONITORING_DEFAULTS))
+    ablations: dict = field(default_factory=lambda: copy.deepcopy(ABLATIONS_DEFAULTS))
     profile: str = "default"
 
 
@@ -84,6 +87,7 @@ def parse_params(raw: dict) -> Params:
         align=_section(ALIGN_DEFAULTS, raw.get("align"), "align"),
         serving=_section(SERVING_DEFAULTS, raw.get("serving"), "serving"),
         monitoring=_section(MONITORING_DEFAULTS, raw.get("monitoring"), "monitoring"),
+        ablations=_section(ABLATIONS_DEFAULTS, raw.get("ablations"), "ablations"),
     )
 
 

@@ -27,14 +27,13 @@ import torch
 from .align import AlignmentClassifier
 from .audio import fit_length, griffin_lim, load_audio, wave_to_mel
 from .checkpoint import Checkpoint
-from .dataset import read_metadata
 from .diffusion import sample
 from .features import load_latents
 from .metrics import SoundNet, audio_scores, onset_sync
 
 SYSTEMS = ("model", "ground_truth_vae", "retrieval", "model_shuffled_video", "real_audio")
 TABLE_METRICS = ("frechet_distance", "kl", "inception_score", "class_agreement", "onset_median_error_ms",
-                 "onset_recall", "onset_precision", "onset_f1", "align_aligned_share")
+                 "onset_recall", "onset_precision", "onset_f1", "onset_auc", "align_aligned_share")
 LOWER_IS_BETTER = {"frechet_distance", "kl", "onset_median_error_ms"}
 
 
@@ -82,59 +81,85 @@ class Systems:
                           for f, n in zip(features.split(self.batch_size), noise.split(self.batch_size))])
 
 
+class TestSet:
+    """The test clips and what scoring any system on them needs, computed once: frame features, true
+    onsets, the real recordings and aisfx's outputs for them, the alignment classifier."""
+
+    def __init__(self, dataset_dir, latents_dir, align_dir, audio_cfg, clips: int | None = None,
+                 device: str = "cpu"):
+        test = load_latents(latents_dir, "test")
+        n = min(clips or len(test["clip_ids"]), len(test["clip_ids"]))
+        self.audio_cfg, self.n = audio_cfg, n
+        self.ids, self.labels = test["clip_ids"][:n], test["labels"][:n]
+        self.features, self.latents = test["features"][:n], test["latents"][:n]
+        onsets_path = Path(dataset_dir) / "onsets.json"
+        all_onsets = json.loads(onsets_path.read_text()) if onsets_path.is_file() else {}
+        self.timed = [i for i, cid in enumerate(self.ids) if cid in all_onsets]
+        self.onsets = [all_onsets[self.ids[i]] for i in self.timed]
+        self.real = [fit_length(load_audio(Path(dataset_dir) / "clips" / f"{cid}.mp4", audio_cfg.sample_rate),
+                                audio_cfg.clip_samples) for cid in self.ids]
+        self.net = SoundNet(device)
+        self.align = AlignmentClassifier.load(align_dir)
+        self.real_sound = self.net(self.real, audio_cfg.sample_rate)
+
+    def noise(self, seed: int) -> torch.Tensor:
+        return torch.randn((self.n, *self.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
+
+    def score(self, waves: list[np.ndarray], real: bool = False) -> dict:
+        """Audio, onset-sync and alignment metrics of one system's waves (one per test clip)."""
+        rate = self.audio_cfg.sample_rate
+        sound = self.real_sound if real else self.net(waves, rate)
+        scores = audio_scores(self.real_sound, sound)
+        if self.timed:
+            scores.update(onset_sync([waves[i] for i in self.timed], rate, self.onsets))
+        scores["align_aligned_share"] = self.align.aligned_share(self.features,
+                                                                 wave_to_mel(np.stack(waves), self.audio_cfg))
+        return scores
+
+
+def generate_model_waves(ckpt: Checkpoint, tests: TestSet, sampling, seed: int, device: str,
+                         batch_size: int) -> tuple[torch.Tensor, list[np.ndarray], dict]:
+    """The generator's latents and waves for every test clip, and what they cost (seconds per clip, peak
+    memory)."""
+    systems = Systems(ckpt, device, batch_size)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    latents = systems.generate(tests.features, tests.noise(seed), sampling)
+    denoise_seconds = time.perf_counter() - start
+    waves = systems.waves(latents)
+    total_seconds = time.perf_counter() - start
+    return latents, waves, {"params_inference": ckpt.model.parameter_counts()["inference"],
+                   "denoise_seconds_per_clip": denoise_seconds / tests.n, "seconds_per_clip": total_seconds / tests.n,
+                   "peak_memory_mb": peak_memory_mb(device), "sampling_steps": sampling.steps,
+                   "cfg_scale": sampling.cfg_scale, "device": device}
+
+
 def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: dict, sampling=None,
              device: str = "cpu") -> dict:
     """All systems' metrics on the test split, plus the data the report draws from."""
     sampling = sampling or ckpt.sampling
-    audio_cfg = ckpt.audio
-    test, train = load_latents(latents_dir, "test"), load_latents(latents_dir, "train")
-    n = min(settings.get("clips") or len(test["clip_ids"]), len(test["clip_ids"]))
-    ids, labels, feats = test["clip_ids"][:n], test["labels"][:n], test["features"][:n]
-    onsets_path = Path(dataset_dir) / "onsets.json"
-    all_onsets = json.loads(onsets_path.read_text()) if onsets_path.is_file() else {}
-    timed = [i for i, cid in enumerate(ids) if cid in all_onsets]
-    real = [fit_length(load_audio(Path(dataset_dir) / "clips" / f"{cid}.mp4", audio_cfg.sample_rate),
-                       audio_cfg.clip_samples) for cid in ids]
+    tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.get("clips"), device)
+    train = load_latents(latents_dir, "train")
     systems = Systems(ckpt, device, settings["batch_size"])
-    noise = torch.randn((n, *test["latents"].shape[1:]), generator=torch.Generator().manual_seed(settings["seed"]))
-
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    model_latents = systems.generate(feats, noise, sampling)
-    denoise_seconds = time.perf_counter() - start
-    waves = {"model": systems.waves(model_latents)}
-    total_seconds = time.perf_counter() - start
-    efficiency = {"params_inference": ckpt.model.parameter_counts()["inference"],
-                  "denoise_seconds_per_clip": denoise_seconds / n, "seconds_per_clip": total_seconds / n,
-                  "peak_memory_mb": peak_memory_mb(device), "sampling_steps": sampling.steps,
-                  "cfg_scale": sampling.cfg_scale, "device": device}
-
-    partners = shuffled_partners(labels, settings["seed"])
-    waves["model_shuffled_video"] = systems.waves(systems.generate(feats[partners], noise, sampling))
-    waves["ground_truth_vae"] = systems.waves(test["latents"][:n])
-    nearest = nearest_training_clips(feats, train["features"])
+    _, model_waves, efficiency = generate_model_waves(ckpt, tests, sampling, settings["seed"], device,
+                                                   settings["batch_size"])
+    waves = {"model": model_waves}
+    partners = shuffled_partners(tests.labels, settings["seed"])
+    waves["model_shuffled_video"] = systems.waves(systems.generate(tests.features[partners],
+                                                                   tests.noise(settings["seed"]), sampling))
+    waves["ground_truth_vae"] = systems.waves(tests.latents)
+    nearest = nearest_training_clips(tests.features, train["features"])
     waves["retrieval"] = systems.waves(train["latents"][nearest])
-    waves["real_audio"] = real
+    waves["real_audio"] = tests.real
 
-    net = SoundNet(device)
-    align = AlignmentClassifier.load(align_dir)
-    results, real_sound = {}, net(real, audio_cfg.sample_rate)
-    for name in SYSTEMS:
-        sound = real_sound if name == "real_audio" else net(waves[name], audio_cfg.sample_rate)
-        scores = audio_scores(real_sound, sound)
-        if timed:
-            scores.update(onset_sync([waves[name][i] for i in timed], audio_cfg.sample_rate,
-                                     [all_onsets[ids[i]] for i in timed]))
-        mels = wave_to_mel(np.stack(waves[name]), audio_cfg)
-        scores["align_aligned_share"] = align.aligned_share(feats, mels)
-        results[name] = scores
+    results = {name: tests.score(waves[name], real=name == "real_audio") for name in SYSTEMS}
     results["model"].update(efficiency)
     retrieval_labels = [train["labels"][i] for i in nearest.tolist()]
-    return {"systems": results, "clips": n, "clips_with_onsets": len(timed),
-            "retrieval_label_match": float(np.mean([a == b for a, b in zip(retrieval_labels, labels)])),
+    return {"systems": results, "clips": tests.n, "clips_with_onsets": len(tests.timed),
+            "retrieval_label_match": float(np.mean([a == b for a, b in zip(retrieval_labels, tests.labels)])),
             "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "cfg_power": sampling.cfg_power},
-            "seed": settings["seed"], "clip_ids": ids, "waves": waves, "sample_rate": audio_cfg.sample_rate}
+            "seed": settings["seed"], "clip_ids": tests.ids, "waves": waves, "sample_rate": ckpt.audio.sample_rate}
 
 
 def markdown_table(result: dict) -> str:

@@ -9,6 +9,10 @@ encoder / side-interpolator / decoder layout (Gao et al.), with two MDSGen piece
 - temporal-aware masking (TAM) hides whole time columns of the token grid during training; random token
   masking (SAM, as MDT) and no masking (plain DiT) are the ablations.
 
+Two conditioning options beyond the paper, for its ablations and ours (REPORT.md): `conditioning=
+"cross_attention"` drops the Reducer and lets every block attend to all 32 projected frame features (as
+Diff-Foley's U-Net conditions); `frame_tokens` adds each frame's feature to the tokens of its time column.
+
 The latent grid is [C, H, W]; `time_axis` says which of H ("height", the AudioLDM layout) or W ("width",
 the Stable Diffusion layout: 4 x 16 x 64, freq x time) is time.
 """
@@ -21,6 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+CONDITIONINGS = ("reducer", "cross_attention")
 
 
 @dataclass
@@ -40,6 +47,7 @@ class MDSGenConfig:
     mask_ratio: float = 0.3
     rel_pos_bias: bool = True                # BEiT-style bias in every attention (the authors' code)
     frame_tokens: bool = False               # beyond the paper: each time column also gets its own frame's feature
+    conditioning: str = "reducer"            # "reducer" (paper) or "cross_attention" (all frames, Diff-Foley style)
 
     def __post_init__(self):
         self.input_size = tuple(self.input_size)
@@ -47,6 +55,8 @@ class MDSGenConfig:
             raise ValueError(f"time_axis {self.time_axis!r}: use 'width' or 'height'")
         if self.mask_strategy not in ("tam", "sam", "none"):
             raise ValueError(f"mask_strategy {self.mask_strategy!r}: use 'tam', 'sam' or 'none'")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning {self.conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {self.mask_ratio}: must be in [0, 1)")
         if any(s % self.patch_size for s in self.input_size):
@@ -82,12 +92,16 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
+def frame_projection(feature_dim: int, hidden_size: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(feature_dim, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size))
+
+
 class VideoConditioner(nn.Module):
     """Frame features [B, T, F] -> one vector [B, D]: project, then the Reducer over the frame axis."""
 
     def __init__(self, feature_dim: int, num_frames: int, hidden_size: int):
         super().__init__()
-        self.project = nn.Sequential(nn.Linear(feature_dim, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size))
+        self.project = frame_projection(feature_dim, hidden_size)
         self.reducer = nn.Conv1d(num_frames, 1, kernel_size=1)  # a learned weighting of the frames
         self.out = nn.Sequential(nn.GELU(), nn.LayerNorm(hidden_size))
 
@@ -158,23 +172,47 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 
+class CrossAttention(nn.Module):
+    """Tokens [B, N, D] attend to the projected frame features [B, T, D] (the cross_attention ablation)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        heads = self.num_heads
+        q = self.q(self.norm(x)).view(b, n, heads, d // heads).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, grid, rel_pos_bias: bool):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, grid, rel_pos_bias: bool,
+                 cross_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
+        self.cross_attn = CrossAttention(dim, num_heads) if cross_attention else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.rel_pos = RelativePositionBias(grid, num_heads) if rel_pos_bias else None
 
-    def forward(self, x, c, ids=None):
+    def forward(self, x, c, ids=None, context=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         bias = None if self.rel_pos is None else self.rel_pos(ids)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), bias)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, context)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -211,7 +249,9 @@ class MDSGen(nn.Module):
         self.num_tokens = grid[0] * grid[1]
         self.x_embedder = nn.Conv2d(cfg.in_channels, dim, cfg.patch_size, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(dim)
-        self.video_embedder = VideoConditioner(cfg.feature_dim, cfg.num_frames, dim)
+        cross = cfg.conditioning == "cross_attention"
+        self.video_embedder = (frame_projection(cfg.feature_dim, dim) if cross
+                               else VideoConditioner(cfg.feature_dim, cfg.num_frames, dim))
         columns = grid[1] if cfg.time_axis == "width" else grid[0]
         token_time = torch.arange(self.num_tokens)
         self.register_buffer("token_time", token_time % grid[1] if cfg.time_axis == "width" else token_time // grid[1],
@@ -222,7 +262,7 @@ class MDSGen(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
 
         def block():
-            return DiTBlock(dim, cfg.num_heads, cfg.mlp_ratio, grid, cfg.rel_pos_bias)
+            return DiTBlock(dim, cfg.num_heads, cfg.mlp_ratio, grid, cfg.rel_pos_bias, cross)
 
         self.en_blocks = nn.ModuleList(block() for _ in range(cfg.depth - cfg.decoder_depth))
         self.side_block = block()  # the side-interpolator: runs only in masked training passes
@@ -256,6 +296,10 @@ class MDSGen(nn.Module):
         if self.frame_embedder is not None:
             nn.init.zeros_(self.frame_embedder.project[-1].weight)
             nn.init.zeros_(self.frame_embedder.project[-1].bias)
+        for blk in [*self.en_blocks, self.side_block, *self.de_blocks]:
+            if blk.cross_attn is not None:  # like adaLN-Zero: cross-attention starts as a no-op
+                nn.init.zeros_(blk.cross_attn.proj.weight)
+                nn.init.zeros_(blk.cross_attn.proj.bias)
 
     # --- masking -------------------------------------------------------------------------------
     def sample_mask(self, batch: int, device, generator=None) -> torch.Tensor:
@@ -282,8 +326,11 @@ class MDSGen(nn.Module):
         x = x.view(x.shape[0], gh, gw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
 
-    def condition(self, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.t_embedder(t) + self.video_embedder(features)
+    def condition(self, t: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(adaLN vector [B, D], cross-attention context [B, T, D] or None)."""
+        if self.config.conditioning == "cross_attention":
+            return self.t_embedder(t), self.video_embedder(features)
+        return self.t_embedder(t) + self.video_embedder(features), None
 
     def forward(self, x, t, features, visible_ids: torch.Tensor | None = None):
         """Predict the noise in latents x [B, C, H, W] at steps t [B] given frame features [B, T, F].
@@ -291,22 +338,22 @@ class MDSGen(nn.Module):
         With `visible_ids` (from `sample_mask`) only those tokens enter the encoder; mask tokens fill
         the rest before the side-interpolator and the decoder, as in training's masked pass.
         """
-        c = self.condition(t, features)
+        c, context = self.condition(t, features)
         frames = 0.0 if self.frame_embedder is None else self.frame_embedder(features)[:, self.token_time]
         x = self.patchify(x) + self.pos_embed + frames
         if visible_ids is not None:
             x = x.gather(1, visible_ids[..., None].expand(-1, -1, x.shape[-1]))
         for blk in self.en_blocks:
-            x = blk(x, c, visible_ids)
+            x = blk(x, c, visible_ids, context)
         if visible_ids is None:
             x = x + self.decoder_pos_embed + frames
         else:
-            x = self.interpolate_masked(x, c, visible_ids, frames)
+            x = self.interpolate_masked(x, c, visible_ids, frames, context)
         for blk in self.de_blocks:
-            x = blk(x, c)
+            x = blk(x, c, context=context)
         return self.unpatchify(self.final_layer(x, c))
 
-    def interpolate_masked(self, x, c, visible_ids, frames=0.0):
+    def interpolate_masked(self, x, c, visible_ids, frames=0.0, context=None):
         """Put visible tokens back on the grid, fill the gaps with mask tokens, let the side block
         predict the hidden ones; visible tokens pass through unchanged (MDT's side-interpolator)."""
         b, _, d = x.shape
@@ -315,7 +362,7 @@ class MDSGen(nn.Module):
         full = full + self.decoder_pos_embed + frames
         hidden = torch.ones(b, self.num_tokens, 1, device=x.device, dtype=x.dtype)
         hidden.scatter_(1, visible_ids[..., None], 0.0)
-        return hidden * self.side_block(full, c) + (1 - hidden) * full
+        return hidden * self.side_block(full, c, context=context) + (1 - hidden) * full
 
     def forward_with_cfg(self, x, t, features, guidance: torch.Tensor | float):
         """Conditional and unconditional (zeroed features) passes in one batch, then guidance."""
