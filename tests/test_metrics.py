@@ -97,3 +97,19 @@ def test_alignment_negatives_and_classifier_shapes():
             assert torch.allclose(neg[i].sum(), mels[i].sum(), rtol=1e-4)
     model = AlignmentClassifier(AlignConfig(feature_dim=20))
     assert model(torch.randn(6, 32, 20), mels).shape == (6,)
+
+
+def test_onset_auc_rewards_sound_at_the_true_onsets_and_not_noise():
+    from mdsgen.metrics import onset_auc
+
+    rate, truth = 16000, np.array([1.0, 3.5, 6.0])
+    rng = np.random.default_rng(0)
+    timed = np.zeros(rate * 8, dtype=np.float32)
+    for t in truth:  # a decaying burst at each true onset
+        start = int(t * rate)
+        timed[start:start + 4000] = rng.standard_normal(4000) * np.exp(-np.arange(4000) / 800)
+    assert onset_auc(timed, rate, truth) > 0.8
+    noise = [onset_auc(rng.standard_normal(rate * 8).astype(np.float32) * 0.1, rate, truth) for _ in range(20)]
+    assert abs(np.mean(noise) - 0.5) < 0.1  # chance, whatever the loudness
+    assert onset_auc(np.roll(timed, rate // 2), rate, truth) < 0.5  # half a second late: below chance
+    assert onset_auc(np.zeros(rate * 8, dtype=np.float32), rate, truth) == 0.5  # silence: all ties

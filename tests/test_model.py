@@ -182,3 +182,22 @@ def test_inference_reuses_the_position_bias_until_the_weights_change():
     with torch.enable_grad():  # training never reads the cache
         model.train()
         assert model.en_blocks[0].rel_pos(None).requires_grad
+
+
+def test_cross_attention_conditioning_drops_the_reducer_and_attends_to_every_frame():
+    model = tiny(conditioning="cross_attention")
+    assert not hasattr(model.video_embedder, "reducer")
+    assert all(blk.cross_attn is not None for blk in [*model.en_blocks, model.side_block, *model.de_blocks])
+    assert model.parameter_counts()["inference"] > tiny().parameter_counts()["inference"]
+    x, t, f = torch.randn(2, 4, 16, 64), torch.tensor([10, 500]), torch.randn(2, 32, 16)
+    assert model(x, t, f, model.sample_mask(2, "cpu")).shape == x.shape
+    for blk in [*model.en_blocks, *model.de_blocks]:  # past the zero init, as after training
+        torch.nn.init.normal_(blk.cross_attn.proj.weight, std=0.1)
+        torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.1)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    base = model(x, t, f)
+    later = f.clone()
+    later[:, 31] += 1.0  # only the last frame changes: every token can see it
+    assert not torch.allclose(model(x, t, later), base)
+    with pytest.raises(ValueError, match="conditioning 'film'"):
+        MDSGenConfig(conditioning="film")
