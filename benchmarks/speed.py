@@ -12,6 +12,9 @@
 4. Training: seconds per step at batch 8 for TAM, SAM and no mask (T).
 5. Memory: peak resident memory of a fresh process sampling one clip, per size.
 (3, serving, is benchmarks/serving.py.)
+
+On a GPU (`benchmarks/gpu.sh`): `--device cuda --precision bf16` runs 1 and 5 under bf16 autocast, as the
+paper timed; memory is then torch's peak allocation on the GPU in a fresh process.
 """
 from __future__ import annotations
 
@@ -39,28 +42,47 @@ FEATURE_DIM = 1280  # the embedded EfficientNet-Lite0 frame encoder
 STEPS = 25
 
 
+DEVICE, PRECISION = "cpu", "fp32"  # set by --device / --precision
+
+
+def synchronize() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def precision_context():
+    import contextlib
+
+    return (torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16) if PRECISION == "bf16"
+            else contextlib.nullcontext())
+
+
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    with precision_context():
+        fn()  # warm-up
+        synchronize()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def flops_of(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, precision_context():
         fn()
     return counter.get_total_flops()
 
 
 def matmul_rate(repeats: int) -> float:
-    """FLOP/s of a 2048^3 fp32 matmul: the ceiling the denoiser's matmuls can reach here."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return 2 * 2048 ** 3 / median_seconds(lambda: a @ b, max(repeats, 5))
+    """FLOP/s of a large matmul in the benchmark's precision: the ceiling the denoiser's matmuls can reach."""
+    n = 8192 if DEVICE.startswith("cuda") else 2048
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    return 2 * n ** 3 / median_seconds(lambda: a @ b, max(repeats, 5))
 
 
 def diff_foley_unet():
@@ -77,10 +99,10 @@ def diff_foley_unet():
 
 
 def bench_denoiser(sizes, repeats: int, unet_steps: int, rate: float) -> dict:
-    features = torch.randn(1, 32, FEATURE_DIM)
+    features = torch.randn(1, 32, FEATURE_DIM, device=DEVICE)
     rows = {}
     for size in sizes:
-        model = MDSGen(config_for(size, feature_dim=FEATURE_DIM)).eval()
+        model = MDSGen(config_for(size, feature_dim=FEATURE_DIM)).eval().to(DEVICE)
         run = lambda: sample(model, features, SamplingConfig(steps=STEPS))  # noqa: E731
         seconds = median_seconds(run, repeats)
         flops = flops_of(run)
@@ -89,7 +111,7 @@ def bench_denoiser(sizes, repeats: int, unet_steps: int, rate: float) -> dict:
     # speed work, before/after in the same run: the position-bias cache (mdsgen/model.py)
     from mdsgen.model import RelativePositionBias
 
-    model = MDSGen(config_for(sizes[0], feature_dim=FEATURE_DIM)).eval()
+    model = MDSGen(config_for(sizes[0], feature_dim=FEATURE_DIM)).eval().to(DEVICE)
     run = lambda: sample(model, features, SamplingConfig(steps=STEPS))  # noqa: E731
     RelativePositionBias.cache_at_inference = False
     before = median_seconds(run, repeats)
@@ -97,8 +119,10 @@ def bench_denoiser(sizes, repeats: int, unet_steps: int, rate: float) -> dict:
     after = median_seconds(run, repeats)
     rows["bias_cache"] = {"size": sizes[0], "before_s": before, "after_s": after, "speedup": before / after}
     unet, project = diff_foley_unet()
-    x, t = torch.randn(2, 4, 16, 64), torch.tensor([500, 500])
-    context = project(torch.cat([features, torch.zeros_like(features)]))
+    unet, project = unet.to(DEVICE), project.to(DEVICE)
+    x, t = torch.randn(2, 4, 16, 64, device=DEVICE), torch.tensor([500, 500], device=DEVICE)
+    with torch.no_grad():
+        context = project(torch.cat([features, torch.zeros_like(features)]))
 
     @torch.no_grad()
     def unet_steps_fn():
@@ -213,22 +237,32 @@ def bench_training(repeats: int, batch: int = 8) -> dict:
 # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child would report this process's peak
 PEAK_KB = "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))"
 MEMORY_PROBE = """
-import sys, torch
+import contextlib, sys, torch
 from mdsgen.diffusion import SamplingConfig, sample
 from mdsgen.model import MDSGen, config_for
-model = MDSGen(config_for(sys.argv[1], feature_dim=1280)).eval()
-sample(model, torch.randn(1, 32, 1280), SamplingConfig())
+size, device, precision = sys.argv[1:4]
+model = MDSGen(config_for(size, feature_dim=1280)).eval().to(device)
+bf16 = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+with bf16:
+    sample(model, torch.randn(1, 32, 1280, device=device), SamplingConfig())
+if device.startswith("cuda"):
+    print(torch.cuda.max_memory_allocated() // 1024, torch.cuda.max_memory_reserved() // 1024)
 """ + PEAK_KB
 
 
 def bench_memory(sizes) -> dict:
+    """Peak memory of a fresh process sampling one clip: resident memory on CPU; on a GPU also torch's peak
+    allocation and reservation (nvidia-smi adds the CUDA context, some hundreds of MB, to these)."""
     baseline = int(subprocess.run([sys.executable, "-c", "import torch, mdsgen.model, mdsgen.diffusion\n" + PEAK_KB],
                                   capture_output=True, text=True, cwd=ROOT, check=True).stdout)
     rows = {"imports_only_mb": baseline / 1024}
     for size in sizes:
-        peak = int(subprocess.run([sys.executable, "-c", MEMORY_PROBE, size], capture_output=True, text=True,
-                                  cwd=ROOT, check=True).stdout)
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, size, DEVICE, PRECISION], capture_output=True,
+                             text=True, cwd=ROOT, check=True).stdout.split()
+        peak = int(out[-1])
         rows[size] = {"peak_rss_mb": peak / 1024, "over_imports_mb": (peak - baseline) / 1024}
+        if DEVICE.startswith("cuda"):
+            rows[size].update(gpu_allocated_mb=int(out[0]) / 1024, gpu_reserved_mb=int(out[1]) / 1024)
     return rows
 
 
@@ -238,15 +272,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unet-steps", type=int, default=2)
     parser.add_argument("--only", nargs="+", default=["denoiser", "end_to_end", "training", "memory"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, as the paper")
     parser.add_argument("--json")
     args = parser.parse_args()
+    global DEVICE, PRECISION
+    DEVICE, PRECISION = args.device, args.precision
     torch.manual_seed(0)
     rate = matmul_rate(args.repeats)
-    results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.startswith("cuda") else None
+    results = {"machine": gpu or platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "device": DEVICE, "precision": PRECISION,
                "torch": torch.__version__, "matmul_gflops": rate / 1e9,
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=ROOT).stdout.strip(), "date": time.strftime("%Y-%m-%d")}
-    print(f"fp32 matmul: {rate / 1e9:.1f} GFLOP/s on {results['threads']} threads")
+    print(f"{PRECISION} matmul: {rate / 1e9:.1f} GFLOP/s on {results['machine']} ({DEVICE})")
     if "denoiser" in args.only:
         results["denoiser"] = bench_denoiser(args.sizes, args.repeats, args.unet_steps, rate)
         print_denoiser(results["denoiser"])
@@ -264,8 +304,9 @@ def main() -> None:
             f"{m} {r['s_per_step']:.3f} s ({r['over_no_mask']:.2f}x)" for m, r in results["training"].items()))
     if "memory" in args.only:
         results["memory"] = bench_memory(args.sizes)
-        print("peak RSS sampling one clip: " + ", ".join(
-            f"{s} {r['peak_rss_mb']:.0f} MB" for s, r in results["memory"].items() if isinstance(r, dict)))
+        key = "gpu_allocated_mb" if DEVICE.startswith("cuda") else "peak_rss_mb"
+        print(f"peak memory sampling one clip ({key}): " + ", ".join(
+            f"{s} {r[key]:.0f} MB" for s, r in results["memory"].items() if isinstance(r, dict)))
     results["peak_rss_this_process_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

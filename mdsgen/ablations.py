@@ -207,9 +207,10 @@ class Sweep:
 def run_sweep(params, settings: dict, arms, seeds, latents_dir, vae_dir, dataset_dir, align_dir,
               device: str = "cpu") -> list[dict]:
     """Every arm for seed 0, then for seed 1, ...: an interrupted sweep has whole seeds to report."""
+    arms = check_arms(arms)  # before anything is loaded
     sweep = Sweep(params, settings, latents_dir, vae_dir, dataset_dir, align_dir, device)
     sweep.references()
-    return [sweep.run(arm, seed) for seed in seeds for arm in check_arms(arms)]
+    return [sweep.run(arm, seed) for seed in seeds for arm in arms]
 
 
 # --- the report --------------------------------------------------------------------------------------
