@@ -1,13 +1,13 @@
 """Serving load test and Triton overhead, measured side by side in one run.
 
-    python benchmarks/serving.py [--checkpoint DIR] [--requests 200] [--concurrency 8] [--json out.json]
+    python benchmarks/serving.py [--checkpoint DIR] [--requests 200] [--concurrency 1 4 8] [--json out.json]
 
 Without --checkpoint it serves the `ci` profile's model (T, 4 sampling steps) with fresh weights: the
 cost of a request does not depend on what the weights learned. Inputs: the held-out clips of
 data/dataset (8.2 s each) when present, else bigbuckbunny.mp4.
 1. Per clip, one request at a time: in-process `VideoToAudio.soundtrack` vs the Triton gRPC round trip.
-2. Load: `--requests` requests from `--concurrency` clients; failures, throughput against one at a time,
-   and the batch sizes Triton's statistics report.
+2. Load: `--requests` requests from each number of concurrent clients in `--concurrency`, one level
+   after the other; failures, throughput against one at a time, and the batch sizes Triton formed.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint")
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--sequential", type=int, default=16, help="one-at-a-time requests for the baseline")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -85,6 +85,12 @@ def run(args, server, checkpoint: str, clips: list[Path], videos: list[bytes]) -
           f"Triton {per_clip['triton_s']:.3f} s, overhead {per_clip['overhead_pct']:+.1f}%")
     sequential_rate = 1 / statistics.mean(triton)
 
+    load = {clients: load_test(server, videos, args.requests, clients, sequential_rate)
+            for clients in args.concurrency}
+    return {"per_clip": per_clip, "load": load, "inputs": [c.name for c in clips]}
+
+
+def load_test(server, videos: list[bytes], requests: int, clients: int, sequential_rate: float) -> dict:
     before = server.batch_sizes()
     failures = []
 
@@ -98,20 +104,20 @@ def run(args, server, checkpoint: str, clips: list[Path], videos: list[bytes]) -
             c.close()
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(request, range(args.requests)))
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(request, range(requests)))
     elapsed = time.perf_counter() - start
     after = server.batch_sizes()
     batches = {size: after[size] - before.get(size, 0) for size in after if after[size] - before.get(size, 0)}
-    load = {"requests": args.requests, "concurrency": args.concurrency, "failures": len(failures),
-            "seconds": elapsed, "requests_per_s": args.requests / elapsed,
+    load = {"requests": requests, "concurrency": clients, "failures": len(failures),
+            "seconds": elapsed, "requests_per_s": requests / elapsed,
             "one_at_a_time_requests_per_s": sequential_rate,
-            "speedup_over_one_at_a_time": args.requests / elapsed / sequential_rate, "batch_sizes": batches,
+            "speedup_over_one_at_a_time": requests / elapsed / sequential_rate, "batch_sizes": batches,
             "first_failures": failures[:5]}
-    print(f"load: {args.requests} requests, {args.concurrency} clients: {len(failures)} failures, "
+    print(f"load: {requests} requests, {clients} clients: {len(failures)} failures, "
           f"{load['requests_per_s']:.3f} req/s vs {sequential_rate:.3f} req/s one at a time "
           f"({load['speedup_over_one_at_a_time']:.2f}x); batch sizes {dict(sorted(batches.items()))}")
-    return {"per_clip": per_clip, "load": load, "inputs": [c.name for c in clips]}
+    return load
 
 
 if __name__ == "__main__":
