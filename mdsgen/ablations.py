@@ -164,8 +164,8 @@ class Sweep:
                 "ablation.model_run": train_metrics["mlflow_run_id"]}
         tracking.use_tracking(self.params.mlflow.get("tracking_uri"), self.settings["experiment"])
         run_id = train_metrics["mlflow_run_id"] if trained else None
-        with mlflow.start_run(run_id=run_id, run_name=None if trained else f"{arm}-seed{seed}") as run:
-            mlflow.set_tags(tags)
+        with mlflow.start_run(run_id=run_id) as run:
+            mlflow.set_tags({**tags, "mlflow.runName": f"{arm}-seed{seed}"})
             if not trained:
                 mlflow.log_params({"sampling." + k: v for k, v in overrides.items()} |
                                   {"vae.decode_channel": ckpt.vae.decode_channel})
