@@ -98,6 +98,14 @@ def arm_params(params, arm: str, seed: int, settings: dict):
     return p
 
 
+def check_schedule(where, found: dict, settings: dict) -> None:
+    """Saved models and results are reused only under the schedule that made them."""
+    for key in ("steps", "batch_size"):
+        if key in found and found[key] != settings[key]:
+            raise ValueError(f"{where} was made with ablations.{key} = {found[key]}, not {settings[key]}: point "
+                             "ablations.out and ablations.state_dir at new folders for another schedule")
+
+
 def result_path(out_dir, arm: str, seed: int) -> Path:
     return Path(out_dir) / "runs" / f"{arm}-seed{seed}.json"
 
@@ -131,8 +139,10 @@ class Sweep:
             print(f"[{arm} seed {seed}] training {p.train.steps} steps at batch {p.train.batch_size}")
             metrics = train(p, self.latents_dir, self.vae_dir, folder / "checkpoint", folder / "state", self.device)
             shutil.rmtree(folder / "state", ignore_errors=True)  # the optimizer state is not needed again
-            (folder / "train.json").write_text(json.dumps(metrics, indent=1))
-        return load_checkpoint(str(folder / "checkpoint"), self.device), json.loads((folder / "train.json").read_text())
+            (folder / "train.json").write_text(json.dumps({**metrics, "batch_size": p.train.batch_size}, indent=1))
+        metrics = json.loads((folder / "train.json").read_text())
+        check_schedule(folder, metrics, self.settings)
+        return load_checkpoint(str(folder / "checkpoint"), self.device), metrics
 
     def run(self, arm: str, seed: int) -> dict:
         """Train (trained arms) or reuse the paper arm's model (sampled arms), score it, record it."""
@@ -143,7 +153,12 @@ class Sweep:
 
         path = result_path(self.out, arm, seed)
         if path.is_file():
-            return json.loads(path.read_text())
+            saved = json.loads(path.read_text())
+            check_schedule(path, saved["train"], self.settings)
+            if saved["clips"] != self.tests.n:
+                raise ValueError(f"{path} scored {saved['clips']} test clips, not {self.tests.n}: point "
+                                 "ablations.out at a new folder for another test set")
+            return saved
         trained = arm in TRAINED_ARMS
         ckpt, train_metrics = self.checkpoint(arm if trained else BASE_ARM, seed)
         overrides, channel = ({}, None) if trained else SAMPLED_ARMS[arm]

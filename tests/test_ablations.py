@@ -72,5 +72,7 @@ def test_ablation_sweep_tracks_every_arm_and_seed(ci_repo, pipeline_env, mlflow_
     again = run(cmd, repo, pipeline_env)
     assert "training" not in again.stdout and len(client.search_runs([experiment])) == before
 
+    other = run([*cmd[:-4], "--steps", "3", "--clips", "4"], repo, pipeline_env, check=False)
+    assert other.returncode == 2 and "ablations.steps = 2, not 3" in other.stderr  # nothing reused across schedules
     bad = run([*cmd[:5], "tam_0.9"], repo, pipeline_env, check=False)
     assert bad.returncode == 2 and "unknown ablation arms ['tam_0.9']" in bad.stderr
