@@ -1,5 +1,6 @@
 """`mdsgen ablate`: arms x seeds trained and scored on the ci pipeline's data, each an MLflow run, and the
 REPORT.md tables written from the results."""
+import shutil
 import sys
 
 import mlflow
@@ -34,6 +35,7 @@ def test_orderings_are_judged_on_means_and_spread():
 
 def test_ablation_sweep_tracks_every_arm_and_seed(ci_repo, pipeline_env, mlflow_server):
     repo, _ = ci_repo
+    shutil.rmtree(repo / "reports/ablations", ignore_errors=True)  # the project's own sweep, copied with the repo
     (repo / "REPORT.md").write_text(f"# Report\n\nprose before\n\n{BEGIN}\nstale tables\n{END}\n\nprose after\n")
     cmd = [sys.executable, "-m", "mdsgen", "ablate", "--arms", *ARMS, "--seeds", "0", "1", "--steps", "2",
            "--clips", "4"]
