@@ -14,7 +14,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,6 @@ class Group:
     labels: tuple[str, ...]
     claim: str                               # what the paper (or we) claim
     ordering: tuple[str, ...] = ()           # the claimed ranking, best first
-    extra: dict = field(default_factory=dict)
 
 
 GROUPS = (
