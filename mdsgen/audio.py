@@ -1,9 +1,16 @@
-"""Audio front-end on the paper's path: 16 kHz mono, 8.192 s clips, mel 128 x 512 scaled to [0, 1].
+"""Audio front-end: waveform <-> mel in [0, 1] (what the VAE sees), in one of two formats.
 
-STFT: n_fft 1024, hop 256, Hann, centered; Slaney mel filters 125-7600 Hz (librosa);
-scaling clip((20 log10(max(M, 1e-5)) - 20 + 100) / 100, 0, 1). The way back is the pseudo-inverse of
-the mel filters followed by Griffin-Lim with momentum (Diff-Foley: 32 iterations, momentum 0.99),
-batched in torch (see `griffin_lim`; a librosa path is kept for the speed comparison).
+- `paper` (the paper's path): 16 kHz, n_fft 1024, hop 256, Hann, centered; Slaney mel filters 125-7600 Hz
+  (librosa), 128 bins; scaling clip((20 log10(max(M, 1e-5)) - 20 + 100) / 100, 0, 1). The way back is the
+  pseudo-inverse of the filters and Griffin-Lim with momentum (Diff-Foley: 32 iterations, momentum 0.99),
+  batched in torch (see `griffin_lim`; a librosa path is kept for the speed comparison).
+- `log` (HiFi-GAN's format, the demo default): 22,050 Hz, n_fft 1024, hop 256, 80 bins 0-8000 Hz, natural
+  log of the magnitude clamped at 1e-5, framed as the HiFi-GAN repository does (reflect padding of
+  (n_fft - hop) / 2, uncentred); mapped linearly from [ln 1e-5, LOG_MEL_MAX] to [0, 1]. The way back is the
+  universal HiFi-GAN (mdsgen/vocoder.py), or Griffin-Lim.
+
+`vocode` is the one way from mels to waves: every caller (generation, evaluation, training samples,
+the VAE report) goes through it, so what is scored is what ships.
 """
 from __future__ import annotations
 
@@ -17,6 +24,11 @@ import torch
 
 from .errors import MediaError, describe
 
+MEL_SCALES = ("paper", "log")
+VOCODERS = ("griffin-lim", "hifigan")
+LOG_MEL_MIN = float(np.log(1e-5))   # HiFi-GAN's clamp
+LOG_MEL_MAX = 2.5                   # headroom above the loudest bin of the demo clips (measured 1.84); clipped
+
 
 @dataclass(frozen=True)
 class AudioConfig:
@@ -29,6 +41,22 @@ class AudioConfig:
     fmax: float = 7600.0
     griffin_lim_iters: int = 32
     griffin_lim_momentum: float = 0.99
+    mel_scale: str = "paper"        # "paper" (dB to [0, 1]) or "log" (HiFi-GAN's natural log, to [0, 1])
+    vocoder: str = "griffin-lim"    # or "hifigan": the universal HiFi-GAN, which needs its own mel format
+
+    def __post_init__(self):
+        if self.mel_scale not in MEL_SCALES:
+            raise ValueError(f"audio.mel_scale {self.mel_scale!r}: use one of {', '.join(MEL_SCALES)}")
+        if self.vocoder not in VOCODERS:
+            raise ValueError(f"audio.vocoder {self.vocoder!r}: use one of {', '.join(VOCODERS)}")
+        if self.clip_samples % self.hop_length:
+            raise ValueError(f"audio.clip_samples {self.clip_samples} is not a multiple of hop {self.hop_length}")
+        if self.vocoder == "hifigan":
+            wanted = dict(sample_rate=22050, n_fft=1024, hop_length=256, n_mels=80, fmin=0.0, fmax=8000.0,
+                          mel_scale="log")
+            wrong = {k: getattr(self, k) for k, v in wanted.items() if getattr(self, k) != v}
+            if wrong:
+                raise ValueError(f"audio.vocoder hifigan needs its own mel format {wanted}; these differ: {wrong}")
 
     @property
     def clip_seconds(self) -> float:
@@ -80,14 +108,25 @@ def _mel_basis(cfg: AudioConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return basis, torch.linalg.pinv(basis)
 
 
-def scale_mel(magnitude: torch.Tensor) -> torch.Tensor:
+def scale_mel(magnitude: torch.Tensor, mel_scale: str = "paper") -> torch.Tensor:
+    """Mel magnitude -> [0, 1] on the format's scale."""
+    if mel_scale == "log":
+        return ((torch.log(magnitude.clamp_min(1e-5)) - LOG_MEL_MIN) / (LOG_MEL_MAX - LOG_MEL_MIN)).clamp(0.0, 1.0)
     db = 20.0 * torch.log10(magnitude.clamp_min(1e-5))
     return ((db - 20.0 + 100.0) / 100.0).clamp(0.0, 1.0)
 
 
-def unscale_mel(mel: torch.Tensor) -> torch.Tensor:
+def unscale_mel(mel: torch.Tensor, mel_scale: str = "paper") -> torch.Tensor:
+    """[0, 1] -> mel magnitude; the inverse of `scale_mel` inside its range."""
+    if mel_scale == "log":
+        return torch.exp(log_mel(mel))
     db = mel.clamp(0.0, 1.0) * 100.0 - 100.0 + 20.0
     return torch.pow(10.0, db / 20.0)
+
+
+def log_mel(mel: torch.Tensor) -> torch.Tensor:
+    """A `log`-scale mel in [0, 1] -> HiFi-GAN's input (natural log of the magnitude)."""
+    return mel.clamp(0.0, 1.0) * (LOG_MEL_MAX - LOG_MEL_MIN) + LOG_MEL_MIN
 
 
 def _stft(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
@@ -96,20 +135,41 @@ def _stft(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
                       pad_mode="constant", return_complex=True)
 
 
-def wave_to_mel(wave: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
-    """[..., samples] waveform -> [..., n_mels, samples // hop] scaled mel (the paper's 128 x 512)."""
-    wave = torch.as_tensor(wave, dtype=torch.float32)
+def _analysis_magnitude(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """|STFT| [B, bins, samples // hop] framed as the format's vocoder expects."""
     frames = wave.shape[-1] // cfg.hop_length
-    spec = _stft(wave.reshape(-1, wave.shape[-1]), cfg).abs()[..., :frames]
+    if cfg.mel_scale == "paper":
+        return _stft(wave, cfg).abs()[..., :frames]
+    pad = (cfg.n_fft - cfg.hop_length) // 2  # HiFi-GAN's framing: frame i covers samples i*hop .. i*hop+n_fft
+    padded = torch.nn.functional.pad(wave[:, None], (pad, pad), mode="reflect")[:, 0]
+    spec = torch.stft(padded, cfg.n_fft, cfg.hop_length, window=torch.hann_window(cfg.n_fft, device=wave.device),
+                      center=False, return_complex=True)
+    return (spec.real ** 2 + spec.imag ** 2 + 1e-9).sqrt()[..., :frames]
+
+
+def wave_to_mel(wave: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
+    """[..., samples] waveform -> [..., n_mels, samples // hop] mel in [0, 1] (paper: 128 x 512)."""
+    wave = torch.as_tensor(wave, dtype=torch.float32)
+    spec = _analysis_magnitude(wave.reshape(-1, wave.shape[-1]), cfg)
     basis, _ = _mel_basis(cfg)
-    mel = scale_mel(torch.matmul(basis.to(spec.device), spec))
-    return mel.reshape(*wave.shape[:-1], cfg.n_mels, frames)
+    mel = scale_mel(torch.matmul(basis.to(spec.device), spec), cfg.mel_scale)
+    return mel.reshape(*wave.shape[:-1], cfg.n_mels, spec.shape[-1])
 
 
 def mel_to_linear(mel: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     """Scaled mel -> non-negative linear magnitude through the filters' pseudo-inverse."""
     _, inverse = _mel_basis(cfg)
-    return torch.matmul(inverse.to(mel.device), unscale_mel(mel)).clamp_min(0.0)
+    return torch.matmul(inverse.to(mel.device), unscale_mel(mel, cfg.mel_scale)).clamp_min(0.0)
+
+
+def vocode(mel: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
+    """Mel [..., n_mels, frames] in [0, 1] -> waveform [..., frames * hop] with the configured vocoder."""
+    if cfg.vocoder == "hifigan":
+        from .vocoder import hifigan
+
+        mel = torch.as_tensor(mel, dtype=torch.float32)
+        return hifigan(mel.reshape(-1, *mel.shape[-2:]), cfg).reshape(*mel.shape[:-2], -1)
+    return griffin_lim(mel, cfg)
 
 
 def griffin_lim(mel: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig(),

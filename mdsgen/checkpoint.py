@@ -95,12 +95,15 @@ def init_checkpoint(params, seed: int = 0) -> Checkpoint:
     model_args = dict(params.model)
     size = model_args.pop("size")
     encoder = build_frame_encoder(params.frame_encoder)
-    torch.manual_seed(seed)
-    model = MDSGen(config_for(size, feature_dim=encoder.feature_dim, **model_args))
     vae_args = dict(params.vae)
     if vae_args.get("path"):
         vae = load_vae(vae_args["path"], vae_args.get("decode_channel"))
     else:
         vae = MelVAE.from_config(vae_args.get("config", "small"), vae_args.get("decode_channel", 1))
+    if model_args.get("time_axis", "width") == "width":  # the latent grid follows the mel and the VAE
+        model_args.setdefault("in_channels", vae.latent_channels)
+        model_args.setdefault("input_size", vae.latent_size(params.audio.n_mels, params.audio.mel_frames))
+    torch.manual_seed(seed)
+    model = MDSGen(config_for(size, feature_dim=encoder.feature_dim, **model_args))
     return Checkpoint(model=model.eval(), vae=vae.eval(), frame_encoder=encoder.spec(), audio=params.audio,
                       video=params.video, sampling=params.sampling)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -170,7 +171,7 @@ def cmd_train_vae(args) -> int:
 
     p = load_params(args.params)
     metrics = train_vae(storage.local_input(args.dataset), storage.local_input(args.features), args.out,
-                        args.report, p.vae_train, p.audio, p.vae)
+                        args.report, p.vae_train, p.audio, p.vae, on_step=step_progress(p.vae_train.steps, "train-vae"))
     write_json(args.metrics, metrics)
     print(f"VAE saved to {args.out}: val mel L1 {metrics['val_mel_l1']:.4f} "
           f"(mean-mel baseline {metrics['val_mel_l1_of_mean_mel']:.4f}), scale {metrics['scaling_factor']:.4f}")
@@ -188,6 +189,21 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def step_progress(total: int, desc: str):
+    """An `on_step(step, values)` callback drawing a tqdm bar with the latest losses and steps/s (on a
+    terminal; elsewhere, e.g. in a log file, an update at most every 30 s)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", mininterval=0.5 if sys.stderr.isatty() else 30)
+
+    def on_step(step: int, values: dict) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in values.items() if k.startswith("loss") or k == "l1"}, refresh=False)
+        if step >= total:
+            bar.close()
+    return on_step
+
+
 def cmd_train(args) -> int:
     from .config import load_params
     from .train import train
@@ -196,7 +212,8 @@ def cmd_train(args) -> int:
     if args.steps:
         p.train = replace(p.train, steps=args.steps)
     metrics = train(p, storage.local_input(args.latents), storage.local_input(args.vae), args.out, args.state,
-                    device=args.device)
+                    device=args.device,
+                    on_step=step_progress(p.train.steps, "train") if os.environ.get("RANK", "0") == "0" else None)
     if metrics:  # rank 0 of a torchrun job, or a single process
         write_json(args.metrics, metrics)
         print(f"trained {metrics['steps']} steps (loss {metrics['first_loss']} -> {metrics['final_loss']}); "

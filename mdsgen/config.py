@@ -18,7 +18,9 @@ from .video import VideoConfig
 
 MLFLOW_DEFAULTS = {"tracking_uri": None, "experiment": "mdsgen", "registered_model": "mdsgen",
                    "gate": {"frechet_distance": "lower", "onset_f1": "higher"}}
-EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8}
+EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8,
+                     "checks": {"latent_std_ratio": [0.8, 1.25], "min_conditioning_gain": 1.02,
+                                "max_own_vs_other": 0.95}}
 SERVING_DEFAULTS = {"host": "127.0.0.1", "ports": [8000, 8001, 8002], "config": None,
                     "model": "models:/mdsgen@champion", "state_dir": "runs/serving"}
 MONITORING_DEFAULTS = {"reference_clips": 48, "components": 4, "seed": 0, "log": "runs/serving/records",

@@ -2,9 +2,10 @@
 context. Every system's audio is scored by the same code against the same real test recordings:
 
     model                 the generator under test, from the clip's own video features
-    ground_truth_vae      the real latent through VAE decode and Griffin-Lim: the ceiling of this codec
+    ground_truth_vae      the real latent through VAE decode and the vocoder: the ceiling of this codec
+    vocoder_only          the real mel straight into the vocoder: the VAE's loss is the gap to the row above
     retrieval             the audio of the training clip with the nearest video features (cosine over all
-                          32 frames), through the same VAE and Griffin-Lim
+                          32 frames), through the same VAE and vocoder
     model_shuffled_video  the generator fed another clip's video (a different label where possible): sync
                           and class should fall to chance
     real_audio            the recordings themselves: what the onset detector and the alignment
@@ -13,25 +14,33 @@ context. Every system's audio is scored by the same code against the same real t
 Metrics (mdsgen.metrics): Frechet distance, paired KL, Inception-style score and top-1 class agreement
 on aisfx; onset sync against the dataset's true event onsets; the share of (video, audio) pairs the
 alignment classifier judges aligned; and, for the model, parameters, seconds per clip and peak memory.
+
+Diagnostics that an audio metric cannot be fooled past (`diagnose`): the sampled latents' spread against
+the real ones, the conditioning gain (the unconditional prediction's error over the conditional one at a
+few t) and how much closer each sample is to its own clip's latent than to another clip's. `checks` in
+params.yaml's `evaluate` section sets their bounds; a model that fails one is never promoted.
 """
 from __future__ import annotations
 
 import json
 import resource
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .align import AlignmentClassifier
-from .audio import fit_length, griffin_lim, load_audio, wave_to_mel
+from .audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel
 from .checkpoint import Checkpoint
-from .diffusion import sample
+from .diffusion import conditioning_gain, sample
 from .features import load_latents
 from .metrics import SoundNet, audio_scores, onset_sync
 
-SYSTEMS = ("model", "ground_truth_vae", "retrieval", "model_shuffled_video", "real_audio")
+SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuffled_video", "real_audio")
+DIAGNOSTICS = ("latent_std_ratio", "latent_abs_max", "real_latent_abs_max", "conditioning_gain",
+               "own_vs_other_distance", "diagnostics_pass")
 TABLE_METRICS = ("frechet_distance", "kl", "inception_score", "class_agreement", "onset_median_error_ms",
                  "onset_recall", "onset_precision", "onset_f1", "onset_auc", "align_aligned_share")
 LOWER_IS_BETTER = {"frechet_distance", "kl", "onset_median_error_ms"}
@@ -55,6 +64,35 @@ def nearest_training_clips(test_features: torch.Tensor, train_features: torch.Te
     return (unit(test_features) @ unit(train_features).T).argmax(1)
 
 
+def diagnose(model, samples: torch.Tensor, real: torch.Tensor, features: torch.Tensor,
+             partners: list[int], checks: dict | None, device: str = "cpu") -> dict:
+    """Sample statistics against the real latents, conditioning gain, own-vs-other distance, and the
+    verdict of `checks` ({latent_std_ratio: [lo, hi], min_conditioning_gain, max_own_vs_other}; None: no
+    verdict is enforced, `diagnostics_pass` is then 1)."""
+    own = (samples - real).pow(2).flatten(1).mean(1)
+    other = (samples - real[partners]).pow(2).flatten(1).mean(1)
+    gains = conditioning_gain(model, real.to(device), features.to(device))
+    out = {"latent_std_ratio": (samples.std() / real.std()).item(), "latent_abs_max": samples.abs().max().item(),
+           "real_latent_abs_max": real.abs().max().item(),
+           "conditioning_gain": float(np.mean([g["gain"] for g in gains.values()])),
+           **{f"conditioning_gain_t{t}": g["gain"] for t, g in gains.items()},
+           "own_vs_other_distance": (own.mean() / other.mean()).item()}
+    failures = []
+    if checks:
+        lo, hi = checks.get("latent_std_ratio", (0.0, float("inf")))
+        if not lo <= out["latent_std_ratio"] <= hi:
+            failures.append(f"latent_std_ratio {out['latent_std_ratio']:.3f} outside [{lo}, {hi}]")
+        if out["conditioning_gain"] < checks.get("min_conditioning_gain", 0.0):
+            failures.append(f"conditioning_gain {out['conditioning_gain']:.3f} < {checks['min_conditioning_gain']}")
+        if out["own_vs_other_distance"] > checks.get("max_own_vs_other", float("inf")):
+            failures.append(f"own_vs_other_distance {out['own_vs_other_distance']:.3f} > {checks['max_own_vs_other']}")
+        nonfinite = [k for k, v in out.items() if not np.isfinite(v)]
+        failures += [f"{k} is not finite" for k in nonfinite]
+    out["diagnostics_pass"] = float(not failures)
+    out["diagnostics_failures"] = "; ".join(failures)
+    return out
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -62,7 +100,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 class Systems:
-    """Latents -> waves through the checkpoint's VAE and Griffin-Lim, in batches."""
+    """Latents -> waves through the checkpoint's VAE and vocoder, in batches."""
 
     def __init__(self, ckpt: Checkpoint, device: str, batch_size: int):
         self.ckpt, self.device, self.batch_size = ckpt, device, batch_size
@@ -72,7 +110,7 @@ class Systems:
         out = []
         for part in latents.split(self.batch_size):
             mels = self.ckpt.vae.decode(part.to(self.device)).float().cpu()
-            out.extend(griffin_lim(mels, self.ckpt.audio).numpy())
+            out.extend(vocode(mels, self.ckpt.audio).numpy())
         return out
 
     @torch.no_grad()
@@ -142,31 +180,40 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
     tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.get("clips"), device)
     train = load_latents(latents_dir, "train")
     systems = Systems(ckpt, device, settings["batch_size"])
-    _, model_waves, efficiency = generate_model_waves(ckpt, tests, sampling, settings["seed"], device,
-                                                   settings["batch_size"])
+    latents, model_waves, efficiency = generate_model_waves(ckpt, tests, sampling, settings["seed"], device,
+                                                            settings["batch_size"])
     waves = {"model": model_waves}
     partners = shuffled_partners(tests.labels, settings["seed"])
+    diagnostics = diagnose(ckpt.model, latents, tests.latents, tests.features, partners, settings.get("checks"), device)
     waves["model_shuffled_video"] = systems.waves(systems.generate(tests.features[partners],
                                                                    tests.noise(settings["seed"]), sampling))
     waves["ground_truth_vae"] = systems.waves(tests.latents)
+    real_mels = wave_to_mel(np.stack(tests.real), ckpt.audio)
+    waves["vocoder_only"] = [w for part in real_mels.split(settings["batch_size"])
+                             for w in vocode(part.to(device), ckpt.audio).cpu().numpy()]
     nearest = nearest_training_clips(tests.features, train["features"])
     waves["retrieval"] = systems.waves(train["latents"][nearest])
     waves["real_audio"] = tests.real
 
     results = {name: tests.score(waves[name], real=name == "real_audio") for name in SYSTEMS}
     results["model"].update(efficiency)
+    results["model"].update({k: v for k, v in diagnostics.items() if k != "diagnostics_failures"})
     retrieval_labels = [train["labels"][i] for i in nearest.tolist()]
     return {"systems": results, "clips": tests.n, "clips_with_onsets": len(tests.timed),
             "retrieval_label_match": float(np.mean([a == b for a, b in zip(retrieval_labels, tests.labels)])),
-            "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "cfg_power": sampling.cfg_power},
-            "seed": settings["seed"], "clip_ids": tests.ids, "waves": waves, "sample_rate": ckpt.audio.sample_rate}
+            "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "cfg_power": sampling.cfg_power,
+                         "solver": sampling.solver},
+            "audio": asdict(ckpt.audio),
+            "seed": settings["seed"], "clip_ids": tests.ids,
+            "diagnostics_failures": diagnostics["diagnostics_failures"], "waves": waves, "sample_rate": ckpt.audio.sample_rate}
 
 
 def markdown_table(result: dict) -> str:
     systems = result["systems"]
     metrics = [m for m in TABLE_METRICS if any(m in s for s in systems.values())]
     lines = [f"Test split: {result['clips']} clips ({result['clips_with_onsets']} with known onsets); "
-             f"{result['sampling']['steps']} DPM-Solver++ steps, CFG {result['sampling']['cfg_scale']}, "
+             f"{result['sampling']['steps']} {result['sampling'].get('solver', 'dpmsolver++')} steps, "
+             f"CFG {result['sampling']['cfg_scale']}, "
              f"seed {result['seed']}. Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER)) + ".", "",
              "| system | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, scores in systems.items():
@@ -176,6 +223,13 @@ def markdown_table(result: dict) -> str:
     lines += ["", f"Model: {e['params_inference'] / 1e6:.2f}M parameters; {e['seconds_per_clip']:.2f} s per clip "
               f"({e['denoise_seconds_per_clip']:.2f} s denoising) on {e['device']}; peak memory "
               f"{e['peak_memory_mb']:.0f} MB."]
+    if "latent_std_ratio" in e:
+        gains = ", ".join(f"t={k.rsplit('t', 1)[1]} {v:.3f}" for k, v in e.items() if k.startswith("conditioning_gain_t"))
+        verdict = "pass" if e["diagnostics_pass"] else f"FAIL ({result.get('diagnostics_failures')})"
+        lines += ["", f"Diagnostics ({verdict}): sampled latent std {e['latent_std_ratio']:.3f}x the real "
+                  f"(abs max {e['latent_abs_max']:.2f} vs {e['real_latent_abs_max']:.2f}); conditioning gain "
+                  f"(unconditional / conditional prediction error) {gains}; sample-to-own-latent over "
+                  f"sample-to-other-clip distance {e['own_vs_other_distance']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -191,9 +245,9 @@ def write_report(result: dict, out_dir, mel_clips: int = 4) -> dict:
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(result))
     metric_bars(result["systems"], [m for m in TABLE_METRICS if m in result["systems"]["model"]], out / "metrics.png")
-    rows = []
+    rows, audio = [], AudioConfig(**result["audio"])
     for i, cid in enumerate(result["clip_ids"][:mel_clips]):
-        mels = [(wave_to_mel(result["waves"][name][i]), name)
+        mels = [(wave_to_mel(result["waves"][name][i], audio), name)
                 for name in ("real_audio", "ground_truth_vae", "model", "retrieval")]
         rows.append((cid, mels))
         for name in ("model", "real_audio"):

@@ -1,4 +1,4 @@
-"""Video in, soundtrack out: decode -> frame features -> MDSGen sampling -> VAE -> Griffin-Lim ->
+"""Video in, soundtrack out: decode -> frame features -> MDSGen sampling -> VAE -> vocoder ->
 windows joined with an equal-power crossfade -> WAV and the video muxed with it."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import storage
-from .audio import griffin_lim
+from .audio import vocode
 from .checkpoint import Checkpoint, load_checkpoint
 from .diffusion import SamplingConfig, sample
 from .encoders import build_frame_encoder
@@ -77,7 +77,7 @@ class VideoToAudio:
     @torch.inference_mode()
     def waves(self, latents: torch.Tensor) -> torch.Tensor:
         mels = torch.cat([self.ckpt.vae.decode(z) for z in latents.split(self.batch_size)])
-        return griffin_lim(mels.float().cpu(), self.ckpt.audio)
+        return vocode(mels.float(), self.ckpt.audio).cpu()
 
     def join(self, waves: torch.Tensor, duration: float) -> np.ndarray:
         """Overlap-add consecutive windows with an equal-power crossfade, cut to the video's length."""

@@ -28,6 +28,7 @@ from torch import nn
 
 
 CONDITIONINGS = ("reducer", "cross_attention")
+PREDICTIONS = ("epsilon", "v")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class MDSGenConfig:
     rel_pos_bias: bool = True                # BEiT-style bias in every attention (the authors' code)
     frame_tokens: bool = False               # beyond the paper: each time column also gets its own frame's feature
     conditioning: str = "reducer"            # "reducer" (paper) or "cross_attention" (all frames, Diff-Foley style)
+    prediction: str = "epsilon"              # what the network outputs: "epsilon" (paper) or "v" (Salimans & Ho)
 
     def __post_init__(self):
         self.input_size = tuple(self.input_size)
@@ -57,6 +59,8 @@ class MDSGenConfig:
             raise ValueError(f"mask_strategy {self.mask_strategy!r}: use 'tam', 'sam' or 'none'")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning {self.conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction {self.prediction!r}: use one of {', '.join(PREDICTIONS)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {self.mask_ratio}: must be in [0, 1)")
         if any(s % self.patch_size for s in self.input_size):

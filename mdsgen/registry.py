@@ -8,6 +8,7 @@ checkpoint folder: denoiser, VAE, frame-encoder spec and config. Its tags carry 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def register(checkpoint_uri: str, evaluation: dict, name: str, run_id: str | Non
     client = mlflow.MlflowClient()
     metrics = {f"eval.{k}": f"{v:.6g}" if isinstance(v, float) else str(v)
                for k, v in evaluation["systems"]["model"].items()}
+    if evaluation.get("diagnostics_failures"):
+        metrics["eval.diagnostics_failures"] = evaluation["diagnostics_failures"][:5000]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp, CHECKPOINT_ARTIFACT)  # MLflow names the artifact folder after the source
         shutil.copytree(storage.local_dir(checkpoint_uri), checkpoint)
@@ -78,6 +81,9 @@ def _version(client, name: str, alias: str):
 def gate_decision(challenger: dict, champion: dict | None, gate: dict) -> tuple[bool, str]:
     """Promote when no gate metric is worse than the champion's and at least one is better (strictly).
     `challenger`/`champion` map metric -> value; `gate` maps metric -> "lower" or "higher" (is better)."""
+    nonfinite = [m for m in gate if m in challenger and not math.isfinite(challenger[m])]
+    if nonfinite:
+        return False, "the challenger's " + ", ".join(nonfinite) + " is not a number"
     if champion is None:
         return True, "no champion yet"
     better, worse = [], []
@@ -119,6 +125,10 @@ def promote(name: str, gate: dict, force: bool = False) -> dict:
         promoted, reason = False, f"version {challenger.version} is already the champion"
     elif force:
         promoted, reason = True, "forced with --force (gate not applied)"
+    elif challenger.tags.get("eval.diagnostics_pass") != "1":
+        promoted = False
+        reason = ("fails the evaluation diagnostics: " + challenger.tags.get("eval.diagnostics_failures", "")
+                  if "eval.diagnostics_pass" in challenger.tags else "has no evaluation diagnostics")
     else:
         promoted, reason = gate_decision(_gate_values(challenger, gate),
                                          _gate_values(champion, gate) if champion else None, gate)

@@ -43,6 +43,7 @@ class TrainConfig:
     ema_warmup: bool = True        # decay min(ema_decay, (1 + step) / (10 + step)): short runs get a useful EMA
     cfg_dropout: float = 0.1
     masked_weight: float = 1.0     # lambda in L_full + lambda * L_masked
+    min_snr_gamma: float = 0.0     # min-SNR-gamma loss weighting (5 is the usual value); 0: off (the paper)
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "auto"        # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -110,7 +111,7 @@ class Trainer:
         feats = features[index[mine]].to(self.device, non_blocking=True)
         with self.autocast:
             losses = training_loss(self.net, x0, feats, cfg_dropout=cfg.cfg_dropout,
-                                   masked_weight=cfg.masked_weight, draws={k: v[mine] for k, v in draws.items()})
+                                   masked_weight=cfg.masked_weight, min_snr_gamma=cfg.min_snr_gamma, draws={k: v[mine] for k, v in draws.items()})
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if cfg.grad_clip:
@@ -265,7 +266,7 @@ def log_samples(model: MDSGen, vae, val: dict, params, step: int, clips: int, de
 
     import mlflow
 
-    from .audio import griffin_lim
+    from .audio import vocode
     from .diffusion import sample
     from .generate import write_wav
     from .plots import mel_grid
@@ -275,7 +276,7 @@ def log_samples(model: MDSGen, vae, val: dict, params, step: int, clips: int, de
     latents = sample(model, feats, params.sampling, noise=noise)
     generated = vae.decode(latents.float().cpu())
     truth = vae.decode(val["latents"][:clips])
-    waves = griffin_lim(generated, params.audio)
+    waves = vocode(generated, params.audio)
     with tempfile.TemporaryDirectory() as tmp:
         ids = val["clip_ids"][:clips]
         mel_grid([(cid, [(g, f"generated, step {step}"), (t, "ground truth (VAE)")])

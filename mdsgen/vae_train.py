@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioConfig, griffin_lim
+from .audio import AudioConfig, vocode
 from .features import load_split
 from .vae import MelVAE
 
@@ -113,7 +113,7 @@ def evaluate_vae(vae: MelVAE, train: torch.Tensor, val: dict, cfg: VAETrainConfi
 
 
 def write_report(vae: MelVAE, val: dict, report_dir: Path, audio_cfg: AudioConfig, clips: int = 3) -> None:
-    """Original vs VAE mels as a PNG, and both through Griffin-Lim as WAVs, for a few val clips."""
+    """Original vs VAE mels as a PNG, and both through the vocoder as WAVs, for a few val clips."""
     from .generate import write_wav
     from .plots import mel_grid
 
@@ -123,7 +123,7 @@ def write_report(vae: MelVAE, val: dict, report_dir: Path, audio_cfg: AudioConfi
         rebuilt = vae.decode(vae.encode(mels))
     mel_grid([(clip_id, [(original, "original"), (again, "VAE")])
               for clip_id, original, again in zip(val["clip_ids"], mels, rebuilt)], report_dir / "mels.png")
-    waves = griffin_lim(torch.cat([mels, rebuilt]), audio_cfg)
+    waves = vocode(torch.cat([mels, rebuilt]), audio_cfg)
     for i, clip_id in enumerate(val["clip_ids"][:len(mels)]):
         write_wav(report_dir / f"{clip_id}_original.wav", waves[i].numpy(), audio_cfg.sample_rate)
         write_wav(report_dir / f"{clip_id}_vae.wav", waves[len(mels) + i].numpy(), audio_cfg.sample_rate)

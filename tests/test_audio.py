@@ -59,8 +59,10 @@ def test_griffin_lim_batches(clip):
     batch = griffin_lim(torch.stack([mel, mel.flip(-1)]))
     assert batch.shape == (2, 131072)
     # every clip sounds as it does alone, whatever its position in the batch (a server batches requests)
-    assert torch.allclose(batch[0], griffin_lim(mel), atol=1e-4)
-    assert torch.allclose(batch[1], griffin_lim(mel.flip(-1)), atol=1e-4)
+    # relative error: float rounding differs between batch shapes and machines (measured 1e-4; 2e-4 at the
+    # peak), a batch-dependent phase gave 1.4
+    for batched, alone in ((batch[0], griffin_lim(mel)), (batch[1], griffin_lim(mel.flip(-1)))):
+        assert ((batched - alone).norm() / alone.norm()).item() < 1e-3
 
 
 def test_unreadable_audio_is_named(tmp_path):
@@ -68,3 +70,30 @@ def test_unreadable_audio_is_named(tmp_path):
     text.write_text("not audio")
     with pytest.raises(MediaError, match="notes.ogg"):
         load_audio(text)
+
+
+HIFIGAN = AudioConfig(sample_rate=22050, clip_samples=180224, n_mels=80, fmin=0.0, fmax=8000.0, mel_scale="log",
+                      vocoder="hifigan")
+
+
+def test_hifigan_mel_format_round_trips_a_real_recording(badger):
+    from mdsgen.audio import vocode
+
+    wave = load_audio(badger[1], HIFIGAN.sample_rate)
+    clip = fit_length(np.tile(wave, 3), HIFIGAN.clip_samples)
+    mel = wave_to_mel(clip, HIFIGAN)
+    assert mel.shape == (80, 704) and 0.0 <= mel.min() and mel.max() < 1.0  # inside the [0, 1] mapping
+    rebuilt = vocode(mel[None], HIFIGAN)
+    assert rebuilt.shape == (1, HIFIGAN.clip_samples)
+    again = wave_to_mel(rebuilt[0], HIFIGAN)
+    error = (again - mel).abs().mean().item()
+    late = (again - mel.roll(43, dims=-1)).abs().mean().item()  # the same sound half a second late
+    # measured: 0.015-0.024 (mel L1 favours Griffin-Lim, which fits the spectrum; aisfx prefers HiFi-GAN)
+    assert error < 0.04 and error < 0.5 * late, (error, late)
+
+
+def test_hifigan_needs_its_own_mel_format():
+    with pytest.raises(ValueError, match="hifigan needs its own mel format"):
+        AudioConfig(vocoder="hifigan")  # the paper's 16 kHz, 128-bin mel
+    with pytest.raises(ValueError, match="mel_scale"):
+        AudioConfig(mel_scale="decibel")

@@ -17,7 +17,9 @@ from procs import ROOT, run
 from mdsgen.audio import load_audio, wave_to_mel
 from mdsgen.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
                             stamp_recording, stamp_sources)
+from mdsgen.config import load_params
 from mdsgen.features import extract_features, load_latents, load_npz
+from mdsgen.vae import load_vae
 
 # --- dataset --------------------------------------------------------------------------------------
 def test_ci_dataset_layout(ci_repo):
@@ -117,7 +119,8 @@ def test_feature_files(ci_repo):
     arrays = load_npz(repo / "data/features" / f"{rows[0]['clip_id']}.npz")
     assert arrays["features"].shape == (32, 1280) and arrays["features"].dtype == np.float32
     assert np.allclose(np.linalg.norm(arrays["features"], axis=1), 1, atol=1e-4)
-    assert arrays["mel"].shape == (128, 512) and arrays["mel"].dtype == np.float32
+    audio = load_params(repo / "params.yaml").audio
+    assert arrays["mel"].shape == (audio.n_mels, audio.mel_frames) and arrays["mel"].dtype == np.float32
     assert 0 <= arrays["mel"].min() and arrays["mel"].max() <= 1
 
 
@@ -155,7 +158,10 @@ def test_vae_stage_learned_and_latents_match(ci_repo):
     train = load_latents(repo / "data/latents", "train")
     rows = [r for r in read_metadata(repo / "data/dataset") if r["split"] == "train"]
     assert train["clip_ids"] == [r["clip_id"] for r in rows]
-    assert train["latents"].shape == (len(rows), 4, 16, 64) and train["features"].shape == (len(rows), 32, 1280)
+    p = load_params(repo / "params.yaml")
+    vae = load_vae(str(repo / "models/vae"))
+    latent = (vae.latent_channels, *vae.latent_size(p.audio.n_mels, p.audio.mel_frames))
+    assert train["latents"].shape == (len(rows), *latent) and train["features"].shape == (len(rows), 32, 1280)
     assert 0.7 < train["latents"].std().item() < 1.3  # the saved scale gives unit-variance latents
 
 

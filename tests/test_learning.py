@@ -64,3 +64,41 @@ def test_tiny_mdsgen_overfits_three_real_clips():
     assert (own < 0.7 * after_noise).all(), (own, after_noise)
     # and the video condition picks the clip: each sample is nearest its own recording's latent
     assert (after.argmin(dim=1) == torch.arange(len(CLIPS))).all(), after
+
+
+def train_demo_recipe(latents, features, cfg_dropout: float, seed: int = 0) -> MDSGen:
+    """The demo recipe (v-prediction, min-SNR-5, frame tokens) on a tiny network, overfitting the clips."""
+    torch.manual_seed(seed)
+    model = MDSGen(MDSGenConfig(hidden_size=128, depth=4, num_heads=4, decoder_depth=2, patch_size=4,
+                                feature_dim=features.shape[-1], prediction="v", frame_tokens=True,
+                                mask_strategy="none"))
+    cfg = TrainConfig(steps=400, batch_size=8, lr=2e-3, ema_decay=0, seed=seed, cfg_dropout=cfg_dropout,
+                      min_snr_gamma=5.0)
+    return fit(model, latents, features, cfg).eval()
+
+
+def diagnostics_of(model, latents, features):
+    from mdsgen.config import EVALUATE_DEFAULTS
+    from mdsgen.evaluate import diagnose
+
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
+    samples = sample(model, features, SamplingConfig(steps=25, cfg_scale=3.0, solver="ddim"), noise=noise)
+    partners = [(i + 1) % len(latents) for i in range(len(latents))]
+    return diagnose(model, samples, latents, features, partners, EVALUATE_DEFAULTS["checks"])
+
+
+def test_diagnostics_pass_a_model_that_listens_and_fail_one_that_does_not():
+    """The promotion gate's diagnostics on real clips: the demo recipe passes; the same training with the
+    video always dropped (cfg_dropout 1) fails on conditioning gain, and an untrained network fails too."""
+    latents, features = real_clips()
+    listening = diagnostics_of(train_demo_recipe(latents, features, cfg_dropout=0.1), latents, features)
+    assert listening["diagnostics_pass"] == 1.0, listening
+    assert 0.8 <= listening["latent_std_ratio"] <= 1.25 and listening["conditioning_gain"] > 1.02, listening
+
+    deaf = diagnostics_of(train_demo_recipe(latents, features, cfg_dropout=1.0), latents, features)
+    assert deaf["diagnostics_pass"] == 0.0 and "conditioning_gain" in deaf["diagnostics_failures"], deaf
+
+    torch.manual_seed(0)
+    untrained = MDSGen(MDSGenConfig(hidden_size=128, depth=4, num_heads=4, decoder_depth=2, patch_size=4,
+                                    feature_dim=features.shape[-1], prediction="v"))
+    assert diagnostics_of(untrained.eval(), latents, features)["diagnostics_pass"] == 0.0

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mdsgen.config import load_params
 from mdsgen.evaluate import SYSTEMS, TABLE_METRICS
 from procs import run
 
@@ -75,7 +76,8 @@ def test_first_registration_becomes_champion_and_loads(ci_repo, mlflow_server, p
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model("models:/mdsgen@champion")
     answer = model.predict(pd.DataFrame({"video": [str(clip)]}))
-    assert answer["sample_rate"][0] == 16000 and len(answer["wave"][0]) > 8 * 16000
+    rate = load_params(repo / "params.yaml").audio.sample_rate
+    assert answer["sample_rate"][0] == rate and len(answer["wave"][0]) > 8 * rate
 
 
 def test_the_gate_keeps_a_worse_challenger_and_force_overrides(ci_repo, mlflow_server, pipeline_env, tmp_path):
@@ -101,6 +103,34 @@ def test_the_gate_keeps_a_worse_challenger_and_force_overrides(ci_repo, mlflow_s
     assert client(mlflow_server).get_model_version_by_alias("mdsgen", "champion").version == challenger
     # put the pipeline's champion back for the tests that follow
     client(mlflow_server).set_registered_model_alias("mdsgen", "champion", champion)
+
+
+@pytest.mark.parametrize("flaw", ["fails_diagnostics", "nan_metric"])
+def test_the_gate_refuses_a_better_looking_challenger_that_fails_diagnostics_or_scores_nan(
+        ci_repo, mlflow_server, pipeline_env, tmp_path, flaw):
+    """FD and onset F1 better than the champion's, yet the samples are off-distribution (or a gate metric is
+    NaN, neither better nor worse): never promoted."""
+    repo, _ = ci_repo
+    champion = client(mlflow_server).get_model_version_by_alias("mdsgen", "champion").version
+    better = json.loads((repo / "reports/eval-metrics.json").read_text())
+    model = better["systems"]["model"]
+    model["frechet_distance"] *= 0.5
+    model["onset_f1"] += 0.1
+    if flaw == "fails_diagnostics":
+        model["diagnostics_pass"] = 0.0
+        better["diagnostics_failures"] = "latent_std_ratio 3.500 outside [0.8, 1.25]"
+    else:
+        model["frechet_distance"] = float("nan")
+    (tmp_path / "better.json").write_text(json.dumps(better))
+    mdsgen = [sys.executable, "-m", "mdsgen"]
+    run(mdsgen + ["register", "models/mdsgen", "--evaluation", str(tmp_path / "better.json"), "--out", ""],
+        repo, pipeline_env)
+    proc = run(mdsgen + ["promote", "--out", str(tmp_path / "kept.json")], repo, pipeline_env)
+    decision = json.loads((tmp_path / "kept.json").read_text())
+    assert not decision["promoted"], decision
+    expected = "latent_std_ratio 3.500" if flaw == "fails_diagnostics" else "frechet_distance is not a number"
+    assert expected in decision["reason"] and "not promoted" in proc.stdout
+    assert client(mlflow_server).get_model_version_by_alias("mdsgen", "champion").version == champion
 
 
 def test_dvc_exp_run_sweeps_a_parameter(ci_repo, pipeline_env):
