@@ -167,11 +167,14 @@ def cmd_features(args) -> int:
 
 def cmd_train_vae(args) -> int:
     from .config import load_params
+    from .vae import NO_VAE
     from .vae_train import train_vae
 
     p = load_params(args.params)
+    trains = not p.vae.get("path") and p.vae.get("config") != NO_VAE
     metrics = train_vae(storage.local_input(args.dataset), storage.local_input(args.features), args.out,
-                        args.report, p.vae_train, p.audio, p.vae, on_step=step_progress(p.vae_train.steps, "train-vae"))
+                        args.report, p.vae_train, p.audio, p.vae,
+                        on_step=step_progress(p.vae_train.steps, "train-vae") if trains else None)
     write_json(args.metrics, metrics)
     print(f"VAE saved to {args.out}: val mel L1 {metrics['val_mel_l1']:.4f} "
           f"(mean-mel baseline {metrics['val_mel_l1_of_mean_mel']:.4f}), scale {metrics['scaling_factor']:.4f}")

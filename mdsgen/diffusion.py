@@ -1,10 +1,12 @@
 """Diffusion: the paper's 1000-step linear schedule, MDSGen's two-pass training loss, and sampling
 with DPM-Solver++ or DDIM (diffusers) under the power-cosine dynamic classifier-free guidance.
 
-The network predicts epsilon (the paper) or v = sqrt(a) * noise - sqrt(1 - a) * x0 (the model config's
-`prediction`). With the linear schedule alpha_bar reaches 4e-5 at t = 999, where an epsilon error of
+The network predicts epsilon (the paper), v = sqrt(a) * noise - sqrt(1 - a) * x0, or x0 itself (the model
+config's `prediction`). With the linear schedule alpha_bar reaches 4e-5 at t = 999, where an epsilon error of
 0.002 becomes an x0 error of ~45: v-prediction keeps the target's scale at every t, which is what makes
-a few hundred CPU steps sample inside the data. Min-SNR-gamma weighting (Hang et al. 2023) stops the
+a few hundred CPU steps sample inside the data. x0-prediction suits tokens wider than the network (a
+16 x 16 mel patch is 256 values, T is 192 wide): it never has to carry the noise through (Li & He 2025,
+"Back to Basics: Let Denoising Generative Models Denoise"). Min-SNR-gamma weighting (Hang et al. 2023) stops the
 low-noise steps from dominating the loss.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .model import MDSGen
 
 TRAIN_STEPS = 1000
 SOLVERS = ("dpmsolver++", "ddim")
+SCHEDULER_PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}  # diffusers' names
 BETA_START, BETA_END = 1e-4, 0.02
 
 
@@ -56,17 +59,20 @@ def target(x0, noise, t, cumprod, prediction: str):
     """What the network is trained to output at timestep t."""
     if prediction == "epsilon":
         return noise
+    if prediction == "x0":
+        return x0
     a = cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 def loss_weights(t, cumprod, prediction: str, min_snr_gamma: float) -> torch.Tensor | None:
-    """Min-SNR-gamma: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v; None when off (weight 1)."""
+    """Min-SNR-gamma: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v, / 1 for x0 (the same weight
+    on the x0 error in all three); None when off (weight 1)."""
     if not min_snr_gamma:
         return None
     a = cumprod.to(t.device)[t]
     snr = a / (1 - a)
-    return snr.clamp_max(min_snr_gamma) / (snr + 1 if prediction == "v" else snr)
+    return snr.clamp_max(min_snr_gamma) / {"epsilon": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
 
 
 def _mse(prediction, wanted, weights):
@@ -130,7 +136,7 @@ def guidance_scale(t: torch.Tensor | float, scale: float, power: float) -> float
 
 def make_scheduler(cfg: SamplingConfig, prediction: str = "epsilon"):
     schedule = dict(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END,
-                    beta_schedule="linear", prediction_type="v_prediction" if prediction == "v" else "epsilon")
+                    beta_schedule="linear", prediction_type=SCHEDULER_PREDICTIONS[prediction])
     if cfg.solver == "ddim":
         return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
     return DPMSolverMultistepScheduler(**schedule, solver_order=cfg.solver_order, algorithm_type="dpmsolver++")

@@ -28,14 +28,14 @@ from torch import nn
 
 
 CONDITIONINGS = ("reducer", "cross_attention")
-PREDICTIONS = ("epsilon", "v")
+PREDICTIONS = ("epsilon", "v", "x0")
 
 
 @dataclass
 class MDSGenConfig:
     input_size: tuple[int, int] = (16, 64)   # latent H x W
     in_channels: int = 4
-    patch_size: int = 2
+    patch_size: int | tuple[int, int] = 2     # square, or (H, W): e.g. (80, 8) makes each token a whole spectrum
     hidden_size: int = 192
     depth: int = 12                          # encoder + decoder blocks
     num_heads: int = 3
@@ -49,10 +49,11 @@ class MDSGenConfig:
     rel_pos_bias: bool = True                # BEiT-style bias in every attention (the authors' code)
     frame_tokens: bool = False               # beyond the paper: each time column also gets its own frame's feature
     conditioning: str = "reducer"            # "reducer" (paper) or "cross_attention" (all frames, Diff-Foley style)
-    prediction: str = "epsilon"              # what the network outputs: "epsilon" (paper) or "v" (Salimans & Ho)
+    prediction: str = "epsilon"              # what the network outputs: "epsilon" (paper), "v" (Salimans & Ho) or "x0"
 
     def __post_init__(self):
         self.input_size = tuple(self.input_size)
+        self.patch_size = self.patch_size if isinstance(self.patch_size, int) else tuple(self.patch_size)
         if self.time_axis not in ("width", "height"):
             raise ValueError(f"time_axis {self.time_axis!r}: use 'width' or 'height'")
         if self.mask_strategy not in ("tam", "sam", "none"):
@@ -63,14 +64,19 @@ class MDSGenConfig:
             raise ValueError(f"prediction {self.prediction!r}: use one of {', '.join(PREDICTIONS)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {self.mask_ratio}: must be in [0, 1)")
-        if any(s % self.patch_size for s in self.input_size):
+        if any(s % p for s, p in zip(self.input_size, self.patch)):
             raise ValueError(f"input_size {self.input_size} is not divisible by patch {self.patch_size}")
         if not 0 < self.decoder_depth < self.depth:
             raise ValueError(f"decoder_depth {self.decoder_depth} must be between 1 and depth - 1")
 
     @property
+    def patch(self) -> tuple[int, int]:
+        p = self.patch_size
+        return (p, p) if isinstance(p, int) else p
+
+    @property
     def grid(self) -> tuple[int, int]:
-        return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
+        return self.input_size[0] // self.patch[0], self.input_size[1] // self.patch[1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,10 +227,10 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    def __init__(self, dim: int, patch: tuple[int, int], out_channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.linear = nn.Linear(dim, patch[0] * patch[1] * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x, c):
@@ -251,7 +257,7 @@ class MDSGen(nn.Module):
         self.config = cfg = config
         dim, grid = cfg.hidden_size, cfg.grid
         self.num_tokens = grid[0] * grid[1]
-        self.x_embedder = nn.Conv2d(cfg.in_channels, dim, cfg.patch_size, cfg.patch_size)
+        self.x_embedder = nn.Conv2d(cfg.in_channels, dim, cfg.patch, cfg.patch)
         self.t_embedder = TimestepEmbedder(dim)
         cross = cfg.conditioning == "cross_attention"
         self.video_embedder = (frame_projection(cfg.feature_dim, dim) if cross
@@ -271,7 +277,7 @@ class MDSGen(nn.Module):
         self.en_blocks = nn.ModuleList(block() for _ in range(cfg.depth - cfg.decoder_depth))
         self.side_block = block()  # the side-interpolator: runs only in masked training passes
         self.de_blocks = nn.ModuleList(block() for _ in range(cfg.decoder_depth))
-        self.final_layer = FinalLayer(dim, cfg.patch_size, cfg.in_channels)
+        self.final_layer = FinalLayer(dim, cfg.patch, cfg.in_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -326,9 +332,9 @@ class MDSGen(nn.Module):
         return self.x_embedder(x).flatten(2).transpose(1, 2)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        p, c, (gh, gw) = self.config.patch_size, self.config.in_channels, self.config.grid
-        x = x.view(x.shape[0], gh, gw, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
+        (ph, pw), c, (gh, gw) = self.config.patch, self.config.in_channels, self.config.grid
+        x = x.view(x.shape[0], gh, gw, ph, pw, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * ph, gw * pw)
 
     def condition(self, t: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(adaLN vector [B, D], cross-attention context [B, T, D] or None)."""

@@ -5,6 +5,10 @@ As in the paper, the mel (values in [0, 1]) is repeated to the VAE's input chann
 of the decoder's output is the mel: channel 1 (G) by default, `"mean"` averages them. Two shapes:
 Stable Diffusion v1's VAE (loaded from a diffusers folder, local or S3; scale 0.18215), and shapes
 that train on a CPU: `small` (the same 8x downsampling and 4 channels), `wide-4x` and `wide-8x`.
+
+`none` is no VAE at all (`MelStandardizer`): the diffusion runs on the mel itself, shifted and scaled to
+zero mean and unit variance. On the demo data every VAE that trains here in minutes blurs the harmonics
+that a neural vocoder needs (the codec table in REPORT.md), so the demo diffuses mels directly.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ WIDE_4X_VAE = dict(SD_V1_VAE, block_out_channels=(32, 64, 128), layers_per_block
 # 8x downsampling with 8 latent channels: latent 8 x 10 x 88 (8x compression)
 WIDE_8X_VAE = dict(SMALL_VAE, block_out_channels=(32, 64, 128, 128), latent_channels=8)
 VAE_CONFIGS = {"sd-v1": SD_V1_VAE, "small": SMALL_VAE, "wide-4x": WIDE_4X_VAE, "wide-8x": WIDE_8X_VAE}
+NO_VAE = "none"
 
 
 class MelVAE(nn.Module):
@@ -46,6 +51,10 @@ class MelVAE(nn.Module):
 
     @classmethod
     def from_config(cls, name: str = "small", decode_channel: int | str = 1, **overrides) -> "MelVAE":
+        if name == NO_VAE:
+            return MelStandardizer()
+        if name not in VAE_CONFIGS:
+            raise ValueError(f"vae.config {name!r}: use one of {', '.join([*VAE_CONFIGS, NO_VAE])}")
         return cls(AutoencoderKL(**dict(VAE_CONFIGS[name], **overrides)), decode_channel)
 
     @property
@@ -95,19 +104,63 @@ class MelVAE(nn.Module):
             storage.upload_dir(tmp, uri)
 
 
-def load_vae(uri: str, decode_channel: int | str | None = None) -> MelVAE:
-    """Load a diffusers AutoencoderKL folder (e.g. Stable Diffusion v1's `vae/`) from disk or S3.
+class MelStandardizer(nn.Module):
+    """No VAE: the latent is the mel itself [B, 1, n_mels, frames], standardised with the training mels'
+    mean and spread (`fit`), so the diffusion sees unit variance as it does with a VAE's scale. Nothing
+    is lost between mel and latent: the codec's ceiling is the vocoder's."""
+
+    decode_channel = 0
+    latent_channels = 1
+    downsampling = 1
+
+    def __init__(self, shift: float = 0.0, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(float(shift)))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def fit(self, mels: torch.Tensor) -> "MelStandardizer":
+        self.shift.fill_(mels.mean().item())
+        self.scale.fill_(1.0 / mels.std().item())
+        return self
+
+    latent_size = MelVAE.latent_size
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.scale)
+
+    def encode(self, mel: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        return ((mel - self.shift) * self.scale).unsqueeze(1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents[:, 0] / self.scale + self.shift).clamp(0.0, 1.0)
+
+    def save(self, uri: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "mdsgen.json").write_text(json.dumps({"config": NO_VAE, "shift": float(self.shift),
+                                                            "scale": float(self.scale)}))
+            storage.upload_dir(tmp, uri)
+
+
+def load_vae(uri: str, decode_channel: int | str | None = None) -> MelVAE | MelStandardizer:
+    """Load a diffusers AutoencoderKL folder (e.g. Stable Diffusion v1's `vae/`) from disk or S3, or a
+    saved `MelStandardizer` (mdsgen.json alone).
 
     Only safetensors weights are accepted, so loading runs no pickled code.
     """
     folder = storage.local_dir(uri)
+    meta = folder / "mdsgen.json"
+    settings = json.loads(meta.read_text()) if meta.is_file() else {}
+    if settings.get("config") == NO_VAE:
+        return MelStandardizer(settings["shift"], settings["scale"])
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{uri}: not a diffusers VAE folder (no config.json)")
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{uri}: no .safetensors weights (pickled .bin files are refused)")
     vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                         low_cpu_mem_usage=False)
-    meta = folder / "mdsgen.json"
     if decode_channel is None:
-        decode_channel = json.loads(meta.read_text())["decode_channel"] if meta.is_file() else 1
+        decode_channel = settings.get("decode_channel", 1)
     return MelVAE(vae.eval(), decode_channel)

@@ -9,7 +9,7 @@ diffusion model expects (SD's 0.18215 was found the same way).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 
 from .audio import AudioConfig, vocode
 from .features import load_split
-from .vae import MelVAE
+from .vae import MelStandardizer, MelVAE
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ def reconstruction_l1(vae: MelVAE, mels: torch.Tensor, batch_size: int = 8) -> f
 def train_vae(dataset_dir, features_dir, out_dir, report_dir, cfg: VAETrainConfig = VAETrainConfig(),
               audio_cfg: AudioConfig = AudioConfig(), vae_params: dict | None = None, on_step=None) -> dict:
     """Train, set the latent scale, save the VAE to `out_dir`, and write the listen-check report.
+    With `vae.config: none` there is no VAE: the mels' mean and spread are fitted and saved instead.
 
     `vae_params` is params.yaml's `vae` section: with a `path` (e.g. Stable Diffusion's VAE) nothing is
     trained; that VAE is copied to `out_dir` and evaluated the same way.
@@ -73,6 +74,11 @@ def train_vae(dataset_dir, features_dir, out_dir, report_dir, cfg: VAETrainConfi
         write_report(vae, val, Path(report_dir), audio_cfg)
         return metrics
     vae = MelVAE.from_config(vae_params.get("config", "small"), vae_params.get("decode_channel", 1))
+    if isinstance(vae, MelStandardizer):  # no VAE: only the mels' mean and spread to fit
+        vae.fit(train).save(str(out_dir))
+        metrics = evaluate_vae(vae, train, val, replace(cfg, steps=0), seconds=0.0, history=[])
+        write_report(vae, val, Path(report_dir), audio_cfg)
+        return metrics
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, cfg.steps))
     start, history = time.perf_counter(), []

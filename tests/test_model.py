@@ -201,3 +201,16 @@ def test_cross_attention_conditioning_drops_the_reducer_and_attends_to_every_fra
     assert not torch.allclose(model(x, t, later), base)
     with pytest.raises(ValueError, match="conditioning 'film'"):
         MDSGenConfig(conditioning="film")
+
+
+def test_whole_spectrum_tokens_cover_all_bins_of_their_frames():
+    """patch (80, 8) on a mel [1, 80, 704]: one row of 88 tokens, token i = frames 8i..8i+7 of every bin."""
+    model = tiny(input_size=(80, 704), in_channels=1, patch_size=[80, 8], frame_tokens=True)
+    assert model.config.grid == (1, 88) and model.config.patch == (80, 8)
+    x, t, f = torch.randn(2, 1, 80, 704), torch.tensor([3, 900]), torch.randn(2, 32, 16)
+    assert model(x, t, f).shape == x.shape and model(x, t, f, model.sample_mask(2, "cpu")).shape == x.shape
+    # unpatchify puts each token's values back on its own frames, every bin
+    tokens = x.view(2, 80, 88, 8).permute(0, 2, 1, 3).reshape(2, 88, 80 * 8)
+    assert torch.equal(model.unpatchify(tokens), x)
+    with pytest.raises(ValueError, match="not divisible by patch"):
+        tiny(input_size=(80, 700), in_channels=1, patch_size=[80, 8])

@@ -73,3 +73,19 @@ def test_pickled_vae_weights_are_refused(tmp_path, sd_vae_folder):
         load_vae(str(folder))
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_vae(str(tmp_path / "absent"))
+
+
+def test_no_vae_standardises_the_mel_losslessly_and_survives_save_and_load(tmp_path):
+    """`vae.config: none`: the latent is the mel itself at unit spread; decode gives back the same mel."""
+    torch.manual_seed(0)
+    mels = torch.rand(6, 80, 704) ** 3  # skewed, as log mels are
+    codec = MelVAE.from_config("none").fit(mels)
+    latents = codec.encode(mels)
+    assert latents.shape == (6, 1, 80, 704) and codec.latent_size(80, 704) == (80, 704)
+    assert abs(latents.mean().item()) < 1e-4 and abs(latents.std().item() - 1.0) < 1e-4
+    assert torch.allclose(codec.decode(latents), mels, atol=1e-6)
+    codec.save(str(tmp_path / "codec"))
+    again = load_vae(str(tmp_path / "codec"))
+    assert torch.allclose(again.decode(latents), mels, atol=1e-6)
+    with pytest.raises(ValueError, match="vae.config 'medium'"):
+        MelVAE.from_config("medium")
