@@ -38,7 +38,11 @@ demo: setup
 # The serving half alone, on whatever champion the registry holds.
 demo-serve: setup
 	-mdsgen serve --stop
-	mdsgen serve --ports 0 0 0
+	@# the champion; when the gate has never promoted one, the challenger, said out loud (the gate is not moved)
+	model=$$(python -c 'import json; d = json.load(open("reports/promotion.json")); \
+	print("models:/%s@%s" % (d["name"], "champion" if d["champion"] else "challenger"))'); \
+	case "$$model" in *challenger) echo "No champion: the gate refused this model (reports/promotion.json); serving the challenger for the demo.";; esac; \
+	mdsgen serve --ports 0 0 0 --model "$$model"
 	status=0; \
 	mdsgen client data/dataset/metadata.csv --split test --limit 8 -o $(DEMO)/heldout || status=1; \
 	mdsgen client "$$(python -c 'import mdsgen.samples as s; print(s.bigbuckbunny())')" -o $(DEMO)/bigbuckbunny || status=1; \
