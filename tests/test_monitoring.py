@@ -83,6 +83,11 @@ def traffic(ci_repo, pipeline_env, tmp_path_factory):
     return root / "fresh" / "clips", dark
 
 
+# A ci model (4 training steps) barely listens to its video, so its outputs drift weakly: dark traffic drifted
+# 4 and 5 of 12 columns in two runs (0.33, 0.42), under the product's 0.5 alert; the test alerts at 3 of 12.
+ALERT_SHARE = "0.25"
+
+
 def serve_and_monitor(repo, env, videos, work) -> tuple:
     """Serve the champion, send every video through the client, stop, then `mdsgen monitor`."""
     from mdsgen.monitoring import wait_for_records
@@ -96,8 +101,8 @@ def serve_and_monitor(repo, env, videos, work) -> tuple:
         mdsgen(["serve", "--stop", "--state-dir", str(state)], repo, env, check=False)
     count = len(list(videos.glob("*.mp4")))
     assert len(wait_for_records(str(records), count, timeout=30)) == count  # one record per request
-    proc = mdsgen(["monitor", "--log", str(records), "--out", str(work / "report"), "--since", "1h"], repo, env,
-                  check=False)
+    proc = mdsgen(["monitor", "--log", str(records), "--out", str(work / "report"), "--since", "1h",
+                   "--threshold", ALERT_SHARE], repo, env, check=False)
     return proc, json.loads((work / "report" / "summary.json").read_text())
 
 
