@@ -97,7 +97,7 @@ def draw_training_noise(model: MDSGen, x0_shape, generator: torch.Generator | No
 def training_loss(model: MDSGen, x0: torch.Tensor, features: torch.Tensor, *, cfg_dropout: float = 0.1,
                   masked_weight: float = 1.0, min_snr_gamma: float = 0.0,
                   generator: torch.Generator | None = None, draws: dict | None = None) -> dict:
-    """MSE on the model's target (epsilon or v): L_full + lambda * L_masked with the same t and fresh noise
+    """MSE on the model's target (epsilon, v or x0): L_full + lambda * L_masked with the same t and fresh noise
     per pass, each sample weighted by min-SNR-gamma when `min_snr_gamma` > 0.
 
     The masked pass is skipped when the model's strategy is "none" (plain DiT). With probability

@@ -37,6 +37,7 @@ from .checkpoint import Checkpoint
 from .diffusion import conditioning_gain, sample
 from .features import load_latents
 from .metrics import SoundNet, audio_scores, onset_sync
+from .vae import MelStandardizer
 
 SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuffled_video", "real_audio")
 DIAGNOSTICS = ("latent_std_ratio", "latent_abs_max", "real_latent_abs_max", "conditioning_gain",
@@ -188,9 +189,12 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
     waves["model_shuffled_video"] = systems.waves(systems.generate(tests.features[partners],
                                                                    tests.noise(settings["seed"]), sampling))
     waves["ground_truth_vae"] = systems.waves(tests.latents)
-    real_mels = wave_to_mel(np.stack(tests.real), ckpt.audio)
-    waves["vocoder_only"] = [w for part in real_mels.split(settings["batch_size"])
-                             for w in vocode(part.to(device), ckpt.audio).cpu().numpy()]
+    if isinstance(ckpt.vae, MelStandardizer):  # no VAE: the row above already is the mel through the vocoder
+        waves["vocoder_only"] = waves["ground_truth_vae"]
+    else:
+        real_mels = wave_to_mel(np.stack(tests.real), ckpt.audio)
+        waves["vocoder_only"] = [w for part in real_mels.split(settings["batch_size"])
+                                 for w in vocode(part.to(device), ckpt.audio).cpu().numpy()]
     nearest = nearest_training_clips(tests.features, train["features"])
     waves["retrieval"] = systems.waves(train["latents"][nearest])
     waves["real_audio"] = tests.real

@@ -4,7 +4,7 @@
 As in the paper, the mel (values in [0, 1]) is repeated to the VAE's input channels and one channel
 of the decoder's output is the mel: channel 1 (G) by default, `"mean"` averages them. Two shapes:
 Stable Diffusion v1's VAE (loaded from a diffusers folder, local or S3; scale 0.18215), and shapes
-that train on a CPU: `small` (the same 8x downsampling and 4 channels), `wide-4x` and `wide-8x`.
+that train on a CPU: `small` (the same 8x downsampling and 4 channels) and `wide-4x`.
 
 `none` is no VAE at all (`MelStandardizer`): the diffusion runs on the mel itself, shifted and scaled to
 zero mean and unit variance. On the demo data every VAE that trains here in minutes blurs the harmonics
@@ -34,9 +34,7 @@ SMALL_VAE = dict(SD_V1_VAE, block_out_channels=(16, 32, 64, 64), layers_per_bloc
 WIDE_4X_VAE = dict(SD_V1_VAE, block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16,
                    sample_size=128, down_block_types=("DownEncoderBlock2D",) * 3,
                    up_block_types=("UpDecoderBlock2D",) * 3)
-# 8x downsampling with 8 latent channels: latent 8 x 10 x 88 (8x compression)
-WIDE_8X_VAE = dict(SMALL_VAE, block_out_channels=(32, 64, 128, 128), latent_channels=8)
-VAE_CONFIGS = {"sd-v1": SD_V1_VAE, "small": SMALL_VAE, "wide-4x": WIDE_4X_VAE, "wide-8x": WIDE_8X_VAE}
+VAE_CONFIGS = {"sd-v1": SD_V1_VAE, "small": SMALL_VAE, "wide-4x": WIDE_4X_VAE}
 NO_VAE = "none"
 
 
