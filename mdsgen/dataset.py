@@ -105,6 +105,15 @@ def detect_onsets(wave: np.ndarray, sample_rate: int) -> np.ndarray:
     return librosa.onset.onset_detect(y=wave, sr=sample_rate, hop_length=ONSET_HOP, units="time", backtrack=True)
 
 
+def compile_onset_detection(sample_rate: int) -> None:
+    """Compile (and cache on disk) librosa's numba kernels for `detect_onsets` in this process, before a
+    worker pool starts: workers compiling them at once can pair cache files written by different
+    processes, and the next load crashes (numba issue 10128)."""
+    clicks = np.zeros(sample_rate, dtype=np.float32)
+    clicks[sample_rate // 4::sample_rate // 4] = 1.0
+    detect_onsets(clicks, sample_rate)
+
+
 @lru_cache(maxsize=None)
 def attack_offset(stem: str, sample_rate: int) -> float:
     """Where the recording's first onset lies after its trimmed start (slow attacks start late)."""
@@ -280,6 +289,7 @@ def build_dataset(cfg: DatasetConfig, out_dir) -> list[dict]:
         others = [str(sources[o]) for o in sorted(sources) if o != label]
         jobs.append((cfg, index, clip_id, label, str(sources[label]), others, str(out / "clips" / f"{clip_id}.mp4")))
     onsets = {}
+    compile_onset_detection(cfg.sample_rate)
     with get_context("spawn").Pool(max(1, cfg.workers)) as pool:
         for clip_id, clip_onsets in tqdm(pool.imap_unordered(_render_job, jobs), total=len(jobs),
                                          desc="render", unit="clip"):

@@ -86,6 +86,23 @@ def test_rendering_is_seeded():
     assert c[2] != a[2]
 
 
+def test_onset_kernels_are_compiled_before_the_render_workers(tmp_path):
+    """After the parent's compile (build_dataset does it before its pool), a worker's render writes no numba
+    cache file: workers that compile at once can pair each other's cache files and crash (numba #10128)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def cache_files():
+        return {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+    subprocess.run([sys.executable, "-c", "from mdsgen.dataset import DatasetConfig, compile_onset_detection; "
+                    "compile_onset_detection(DatasetConfig().sample_rate)"], env=env, check=True)
+    compiled = cache_files()
+    subprocess.run([sys.executable, "-c", "from mdsgen.dataset import DatasetConfig, render_clip, stamp_sources; "
+                    "s = stamp_sources(); render_clip(DatasetConfig(), 'dog', str(s['dog']), [str(s['cow'])], 3)"],
+                   env=env, check=True)
+    assert compiled and cache_files() == compiled
+
+
 def test_missing_debian_package_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install tuxpaint-stamps-default"):
         stamp_sources(tmp_path / "no-stamps")
