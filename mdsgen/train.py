@@ -44,6 +44,7 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     masked_weight: float = 1.0     # lambda in L_full + lambda * L_masked
     min_snr_gamma: float = 0.0     # min-SNR-gamma loss weighting (5 is the usual value); 0: off (the paper)
+    time_roll: bool = False        # roll each clip's latents and frames together by a random whole frame count
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "auto"        # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -67,6 +68,18 @@ class TrainConfig:
         bookkeeping = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
                        "sample_clips"}
         return {k: v for k, v in asdict(self).items() if k not in bookkeeping}
+
+
+def roll_in_time(latents: torch.Tensor, features: torch.Tensor, shifts: torch.Tensor, time_dim: int):
+    """Roll each clip's latents [B, C, H, W] along `time_dim` and its frames [B, T, F] together, by `shifts`
+    [B] frames: events move, each still on its own frames (the wrap is a cut, as between two clips)."""
+    steps = latents.shape[time_dim]
+    if steps % features.shape[1]:
+        raise ValueError(f"time roll: {steps} latent steps are not a whole number per {features.shape[1]} frames")
+    per_frame = steps // features.shape[1]
+    latents = torch.stack([x.roll(int(k) * per_frame, time_dim) for x, k in zip(latents, shifts)])
+    features = torch.stack([f.roll(int(k), 0) for f, k in zip(features, shifts)])
+    return latents, features
 
 
 @torch.no_grad()
@@ -109,6 +122,9 @@ class Trainer:
         mine = slice(self.rank * per, (self.rank + 1) * per)
         x0 = latents[index[mine]].to(self.device, non_blocking=True)
         feats = features[index[mine]].to(self.device, non_blocking=True)
+        if cfg.time_roll:  # drawn for the whole batch, so every process draws the same numbers
+            shifts = torch.randint(features.shape[1], (cfg.batch_size,), generator=self.generator)
+            x0, feats = roll_in_time(x0, feats, shifts[mine], -1 if self.model.config.time_axis == "width" else -2)
         with self.autocast:
             losses = training_loss(self.net, x0, feats, cfg_dropout=cfg.cfg_dropout,
                                    masked_weight=cfg.masked_weight, min_snr_gamma=cfg.min_snr_gamma, draws={k: v[mine] for k, v in draws.items()})

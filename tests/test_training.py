@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from mdsgen.train import roll_in_time
 from mdsgen.vae import MelVAE
 from procs import BIN, run
 
@@ -111,11 +112,26 @@ def test_a_finished_state_is_not_retrained_and_a_new_recipe_starts_over(workdir,
     assert "starting over" in proc.stdout
 
 
+@pytest.mark.parametrize("time_dim", [-1, -2])
+def test_time_roll_keeps_each_latent_step_on_its_own_frame(time_dim):
+    frames = torch.arange(32.0)[None, :, None].expand(3, 32, 5)  # feature = its frame number
+    steps = torch.arange(64.0) // 2  # two latent steps per frame, valued by their frame number
+    latents = (steps.view(1, 1, 1, 64).expand(3, 4, 16, 64) if time_dim == -1
+               else steps.view(1, 1, 64, 1).expand(3, 4, 64, 16))
+    rolled, feats = roll_in_time(latents, frames, torch.tensor([0, 5, 31]), time_dim)
+    assert torch.equal(rolled[0], latents[0]) and not torch.equal(rolled[1], latents[1])
+    for clip in range(3):
+        per_step = rolled[clip, 0, 0] if time_dim == -1 else rolled[clip, 0, :, 0]
+        assert torch.equal(per_step, feats[clip, :, 0].repeat_interleave(2))
+    with pytest.raises(ValueError, match="whole number"):
+        roll_in_time(latents[..., :63] if time_dim == -1 else latents[:, :, :63], frames, torch.zeros(3), time_dim)
+
+
 def test_two_ddp_processes_follow_the_single_process_trajectory(workdir, mlflow_server):
     """Same global batch (8) as one process with batch 8, or two with 4 each: the per-step losses (all-reduced
     means) and the final weights agree up to float summation order."""
     env = env_for(mlflow_server)
-    params = write_params(workdir, "ddp", steps=6, batch_size=8)
+    params = write_params(workdir, "ddp", steps=6, batch_size=8, time_roll=True)  # both draw the same rolls
     run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "single", params)], workdir, env)
     run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mdsgen",
          *train_cmd(workdir, "two", params)], workdir, env)
