@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # DVC stages call `mdsgen`: the venv's bin comes first on PATH
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-serve test clean
+.PHONY: setup demo demo-serve test test-fast clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -59,6 +59,10 @@ demo-serve: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The unit tier, for the inner loop: no pipeline run, no servers, no training to a bar
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -11,6 +11,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from procs import BIN, ROOT, free_port, run, stop_group, wait_http  # noqa: E402
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 
+# The fast tier (`make test-fast`) leaves out what starts the ci pipeline, MLflow or Triton, or trains to a bar
+SLOW_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server", "server", "generated", "traffic"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__ == "test_learning":
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def bigbuckbunny():

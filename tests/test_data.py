@@ -86,6 +86,7 @@ def test_rendering_is_seeded():
     assert c[2] != a[2]
 
 
+@pytest.mark.slow  # two fresh processes compile numba kernels (about 40 s)
 def test_onset_kernels_are_compiled_before_the_render_workers(tmp_path):
     """After the parent's compile (build_dataset does it before its pool), a worker's render writes no numba
     cache file: workers that compile at once can pair each other's cache files and crash (numba #10128)."""

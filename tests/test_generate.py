@@ -104,6 +104,7 @@ def test_bad_checkpoints_are_refused(tmp_path, untrained_checkpoint, bigbuckbunn
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # generates a 20 s video twice
 def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
     from mdsgen.diffusion import SamplingConfig
     from mdsgen.generate import VideoToAudio

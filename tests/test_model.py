@@ -117,6 +117,7 @@ def test_bad_configs_are_named():
         config_for("XL")
 
 
+@pytest.mark.slow  # builds every size, L included
 def test_models_command_lists_every_size_as_json():
     import json
     import subprocess

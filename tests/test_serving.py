@@ -226,6 +226,7 @@ def test_reload_keeps_in_flight_requests(server, client, bigbuckbunny, tmp_path)
     assert sorted(p.name for p in (server[1] / "repository" / "mdsgen").iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
+@pytest.mark.slow  # starts tritonserver
 def test_serve_refuses_a_second_server_and_stops_cleanly(tmp_path, untrained_checkpoint, bigbuckbunny):
     import os
 

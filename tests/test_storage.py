@@ -62,6 +62,7 @@ def test_vae_and_cavp_from_s3(s3_server, tmp_path):
     assert torch.allclose(again(frames), cavp(frames), atol=1e-6)
 
 
+@pytest.mark.slow  # builds, extracts and generates through S3
 def test_dataset_features_and_generation_through_s3(s3_server, tmp_path, untrained_checkpoint):
     """The CLI reads and writes datasets, feature caches and outputs at s3:// URIs."""
     import json

@@ -165,6 +165,7 @@ def test_the_run_logs_params_environment_and_samples(workdir, mlflow_server):
     assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow  # one training process per bad setting
 def test_bad_training_settings_are_named(workdir, tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": {"steps": 4, "batch_size": 8, "precision": "fp8"}}))
