@@ -56,8 +56,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     """What `generate` and `client` share: the inputs, the output folder, the sampling overrides."""
     p.add_argument("input", help="a video file, a folder of videos, or a CSV listing them")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--steps", type=int, help="DPM-Solver++ steps (default: the checkpoint's, 25)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's sampling settings)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-mux", action="store_true", help="write only the WAV")
     p.add_argument("--split", help="with a dataset's metadata.csv: only this split (train, val, test)")

@@ -72,7 +72,8 @@ def write_version(repository, checkpoint: str, version: int, template: Path = TE
     Triton may scan at any time."""
     source = template / MODEL_NAME
     if not (source / "config.pbtxt").is_file():
-        raise FileNotFoundError(f"{template}: no Triton model template ({MODEL_NAME}/config.pbtxt); pass --template")
+        raise FileNotFoundError(f"{template}: no Triton model template ({MODEL_NAME}/config.pbtxt); it ships in "
+                                "the repository's serving/ folder: install from a checkout (pip install -e .)")
     model_dir = Path(repository) / MODEL_NAME
     model_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "config.pbtxt", model_dir / "config.pbtxt")
@@ -128,7 +129,7 @@ def resolve_served_model(uri: str, repository=None) -> tuple[str, int]:
 # --- the server process -----------------------------------------------------------------------------
 
 def _wheel_server() -> tuple[Path, Path]:
-    """tritonserver and its python backend from the nvidia-pytriton wheel (PLATFORM.md)."""
+    """tritonserver and its python backend from the nvidia-pytriton wheel (README, Serving)."""
     try:
         import pytriton
     except ImportError as err:

@@ -94,8 +94,8 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1, as PLATFORM.md says
-    to run it: one worker, job execution off, its own process group so stopping it stops every worker."""
+    """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1:
+    one worker, job execution off, its own process group so stopping it stops every worker."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
