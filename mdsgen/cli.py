@@ -365,6 +365,9 @@ def cmd_reference(args) -> int:
     return 0
 
 
+DRIFT_ALERT = 3  # mdsgen monitor: not 1 (a crash) nor 2 (a named error), so a scheduler can tell them apart
+
+
 def cmd_monitor(args) -> int:
     from . import monitoring
 
@@ -384,7 +387,7 @@ def cmd_monitor(args) -> int:
           f"drifted share {summary['drifted_share']:.2f} (alert at {threshold}); "
           f"drifted: {', '.join(summary['drifted_columns']) or 'none'}")
     print(f"report: {Path(args.out) / 'report.html'}, summary: {Path(args.out) / 'summary.json'}")
-    return 1 if summary["alert"] else 0
+    return DRIFT_ALERT if summary["alert"] else 0
 
 
 def cmd_compare_mels(args) -> int:
@@ -445,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_reference)
 
-    p = sub.add_parser("monitor", help="Evidently drift report of served requests against the reference (exit 1: drift)")
+    p = sub.add_parser("monitor", help="Evidently drift report of served requests against the reference (exit 3: drift alert)")
     p.add_argument("--since", help="30m, 12h, 7d or an ISO time (default: every record)")
     p.add_argument("--log", help="the request records: folder or s3:// prefix (default: monitoring.log)")
     p.add_argument("--model", default="models:/mdsgen@champion", help="the model whose reference to compare with")
