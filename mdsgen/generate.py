@@ -172,6 +172,20 @@ def generate_files(source, outdir, checkpoint: str, sampling: SamplingConfig | N
     return write_soundtracks(inputs, outdir, lambda path: generator.soundtrack(path, sampling, seed), mux)
 
 
+def output_stems(inputs: list[Path]) -> list[str]:
+    """One output name per input: `<stem>`, and `<stem>-2`, `<stem>-3`... for later inputs whose name is taken
+    (a/clip.mp4 and b/clip.mp4 in one batch must not overwrite each other or share a temporary file)."""
+    taken, stems = set(), []
+    for path in inputs:
+        stem, n = path.stem, 1
+        while stem in taken:
+            n += 1
+            stem = f"{path.stem}-{n}"
+        taken.add(stem)
+        stems.append(stem)
+    return stems
+
+
 def write_soundtracks(inputs: list[Path], outdir, make: Callable[[Path], Soundtrack], mux: bool = True,
                       workers: int = 1) -> list[Result]:
     """`make` a soundtrack for every input and write `<stem>.wav` (and the muxed video) into `outdir`.
@@ -179,14 +193,14 @@ def write_soundtracks(inputs: list[Path], outdir, make: Callable[[Path], Soundtr
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
 
-    def one(path: Path) -> Result:
+    def one(path: Path, stem: str) -> Result:
         result, start = Result(path), time.perf_counter()
         try:
             track = make(path)
-            result.wav = outdir / f"{path.stem}.wav"
+            result.wav = outdir / f"{stem}.wav"
             write_wav(result.wav, track.wave, track.sample_rate)
             if mux:
-                result.video = mux_audio(path, track.wave, track.sample_rate, outdir / path.stem)
+                result.video = mux_audio(path, track.wave, track.sample_rate, outdir / stem)
         except MediaError as err:
             result.error = str(err)
         except Exception as err:  # one broken file must not stop a batch; say what broke
@@ -197,7 +211,7 @@ def write_soundtracks(inputs: list[Path], outdir, make: Callable[[Path], Soundtr
         return result
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(tqdm(pool.map(one, inputs), total=len(inputs), desc="generate", unit="video",
+        return list(tqdm(pool.map(one, inputs, output_stems(inputs)), total=len(inputs), desc="generate", unit="video",
                          disable=len(inputs) < 2))
 
 

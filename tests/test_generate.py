@@ -77,6 +77,25 @@ def test_bad_inputs_fail_alone(tmp_path, bigbuckbunny, untrained_checkpoint):
     assert "1 of 5 videos done" in proc.stderr
 
 
+def test_inputs_with_the_same_name_get_their_own_outputs(tmp_path):
+    """a/clip.mp4, b/clip.mp4 and c/clip.mkv in one batch (concurrently, as a server runs them): three WAVs,
+    three videos, each with its own input's sound."""
+    from mdsgen.generate import Soundtrack, write_soundtracks
+
+    inputs = []
+    for i, (folder, suffix) in enumerate((("a", "mp4"), ("b", "mp4"), ("c", "mkv"))):
+        (tmp_path / folder).mkdir()
+        inputs.append(make_video(tmp_path / folder / f"clip.{suffix}", seconds=1.0, audio=False))
+    tones = {path: np.full(16000, 0.1 * (i + 1), dtype=np.float32) for i, path in enumerate(inputs)}
+    results = write_soundtracks(inputs, tmp_path / "out", lambda p: Soundtrack(tones[p], 16000, 1), workers=3)
+    assert not any(r.error for r in results)
+    assert [r.wav.name for r in results] == ["clip.wav", "clip-2.wav", "clip-3.wav"]
+    assert len({r.video for r in results}) == 3 and all(r.video.is_file() for r in results)
+    for r in results:
+        wave, _ = sf.read(r.wav, dtype="float32")
+        assert np.allclose(wave, tones[r.input], atol=1e-3)
+
+
 def test_csv_input(tmp_path, untrained_checkpoint):
     make_video(tmp_path / "a.mp4", seconds=2.0)
     with open(tmp_path / "list.csv", "w", newline="") as f:
