@@ -261,12 +261,21 @@ def write_metadata(out: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def is_plain_name(name: str) -> bool:
+    """An id that is safe as a file name: no folder separators, not '.' or '..', printable."""
+    return bool(name) and name not in (".", "..") and not set(name) & set("/\\\0") and name.isprintable()
+
+
 def read_metadata(dataset_dir) -> list[dict]:
     path = Path(dataset_dir) / "metadata.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no dataset here (run `mdsgen dataset build` or `import`)")
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for number, row in enumerate(rows, 2):
+        if not is_plain_name(row.get("clip_id") or ""):
+            raise ValueError(f"{path}, line {number}: clip_id {row.get('clip_id')!r} is not a plain file name")
+    return rows
 
 
 def build_dataset(cfg: DatasetConfig, out_dir) -> list[dict]:
@@ -332,6 +341,9 @@ def import_vggsound(csv_path, videos_dir, out_dir, val_share: float = 0.05) -> t
             failures.append({"row": entry, "reason": "expected 4 columns: youtube_id, start_seconds, label, split"})
             continue
         youtube_id, start, label, split = (e.strip() for e in entry[:4])
+        if not is_plain_name(youtube_id):
+            failures.append({"row": entry, "reason": f"youtube_id {youtube_id!r} is not a plain file name"})
+            continue
         try:
             start = int(float(start))
         except ValueError:

@@ -153,7 +153,9 @@ def local_dir(uri: str | os.PathLike) -> Path:
     client = s3_client()
     try:
         for obj in objects:
-            target = tmp / obj["Key"][len(prefix):]
+            target = (tmp / obj["Key"][len(prefix):]).resolve()
+            if tmp.resolve() not in target.parents:  # 'prefix//etc/x' or '../x' must not land outside
+                raise ValueError(f"s3://{bucket}/{obj['Key']}: the key leaves its prefix {uri}; refusing to download it")
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, obj["Key"], str(target))
         os.replace(tmp, dest)

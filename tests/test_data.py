@@ -128,6 +128,17 @@ def test_import_reports_clips_that_do_not_decode(tmp_path, ci_repo, bigbuckbunny
     assert read_metadata(tmp_path / "imported")[0]["label"] == "dog barking"
 
 
+def test_ids_that_are_not_plain_file_names_are_refused(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds/metadata.csv").write_text("clip_id,start_seconds,label,split\nok,0,dog,train\n../../etc/x,0,dog,test\n")
+    with pytest.raises(ValueError, match=r"line 3: clip_id '../../etc/x' is not a plain file name"):
+        read_metadata(tmp_path / "ds")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "vgg.csv").write_text("../escape,30,dog,train\n")
+    rows, failures = import_vggsound(tmp_path / "vgg.csv", tmp_path / "videos", tmp_path / "imported")
+    assert rows == [] and "not a plain file name" in failures[0]["reason"]
+
+
 # --- features and latents ---------------------------------------------------------------------------
 def test_feature_files(ci_repo):
     repo, _ = ci_repo

@@ -33,6 +33,17 @@ def test_folder_cache_refreshes_when_objects_change(s3_server, tmp_path):
         storage.local_dir(f"{s3_server}/nothing-here")
 
 
+@pytest.mark.parametrize("key", ["//etc/passwd-copy", "../outside.txt", "a/../../outside.txt"])
+def test_keys_that_leave_their_prefix_are_refused(s3_server, tmp_path, monkeypatch, key):
+    monkeypatch.setenv("MDSGEN_CACHE", str(tmp_path / "cache"))
+    storage.write_bytes(f"{s3_server}/hostile/records/ok.jsonl", b"{}")
+    storage.s3_client().put_object(Bucket=s3_server.split("/")[2], Key=f"hostile/records/{key}", Body=b"x")
+    with pytest.raises(ValueError, match="leaves its prefix"):
+        storage.local_dir(f"{s3_server}/hostile/records")
+    assert not (tmp_path / "outside.txt").exists() and not any((tmp_path / "cache").rglob("outside.txt"))
+    assert not any(p.name == "passwd-copy" for p in (tmp_path / "cache").rglob("*"))
+
+
 def test_checkpoint_on_s3(s3_server):
     ckpt = init_checkpoint(Params(), seed=3)
     uri = f"{s3_server}/checkpoints/t"
