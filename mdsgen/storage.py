@@ -84,23 +84,55 @@ def _umask() -> int:
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
-    """Copy a local folder to a local path or an S3 prefix (files keep their relative paths)."""
+    """Copy a local folder to a local path or an S3 prefix (files keep their relative paths), replacing
+    an older version of the same output there. A folder holding anything the new output does not (the
+    project root, say) is refused, never deleted."""
     local_dir = Path(local_dir)
     if not is_s3(uri):
-        dest = Path(uri)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(local_dir, tmp, copy_function=shutil.copyfile)  # fresh files, default modes
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        _replace_local_dir(local_dir, Path(uri))
         return
     bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/")
     client = s3_client()
+    written = set()
     for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        key = "/".join([prefix.rstrip("/"), file.relative_to(local_dir).as_posix()]).lstrip("/")
+        key = "/".join([prefix, file.relative_to(local_dir).as_posix()]).lstrip("/")
         client.upload_file(str(file), bucket, key)
+        written.add(key)
+    try:  # then the older version's leftovers, so a reader never sees its files beside the new ones
+        stale = [o["Key"] for o in _list_prefix(uri) if o["Key"] not in written]
+    except FileNotFoundError:
+        stale = []
+    for start in range(0, len(stale), 1000):
+        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in stale[start:start + 1000]]})
+
+
+def _replace_local_dir(source: Path, dest: Path) -> None:
+    """Copy `source` beside `dest` under a unique name, then swap it in by two renames: a reader sees the
+    old folder or the new one, and a crash between them leaves the old one beside, never nothing."""
+    if dest.is_dir():
+        foreign = {p.name for p in dest.iterdir()} - {p.name for p in source.iterdir()}
+        if foreign:
+            raise FileExistsError(f"{dest}: holds {', '.join(sorted(foreign)[:5])}, which this output does not "
+                                  f"have; refusing to replace it (remove it or choose another folder)")
+    elif dest.exists():
+        raise FileExistsError(f"{dest}: exists and is not a folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.new-"))
+    try:
+        shutil.copytree(source, tmp, copy_function=shutil.copyfile, dirs_exist_ok=True)  # fresh files, default modes
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if dest.is_dir():
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+            os.replace(dest, old)  # onto the empty placeholder
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _list_prefix(uri: str) -> list[dict]:

@@ -44,6 +44,31 @@ def test_keys_that_leave_their_prefix_are_refused(s3_server, tmp_path, monkeypat
     assert not any(p.name == "passwd-copy" for p in (tmp_path / "cache").rglob("*"))
 
 
+def test_folder_outputs_replace_their_older_version_and_refuse_other_folders(s3_server, tmp_path):
+    new = tmp_path / "new"
+    (new / "vae").mkdir(parents=True)
+    (new / "config.json").write_text("new")
+    (new / "vae" / "w").write_text("w")
+    older = tmp_path / "out"
+    (older / "vae").mkdir(parents=True)
+    (older / "config.json").write_text("old")
+    (older / "vae" / "stale").write_text("s")
+    storage.upload_dir(new, str(older))
+    assert (older / "config.json").read_text() == "new" and sorted(p.name for p in (older / "vae").iterdir()) == ["w"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]  # no temporary folder left behind
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.md, which this output does not have"):
+        storage.upload_dir(new, str(project))
+    assert (project / "notes.md").read_text() == "mine" and len(list(project.iterdir())) == 1
+    # on S3: the older version's leftovers go once the new files are there
+    storage.write_bytes(f"{s3_server}/ckpt/vae/stale", b"s")
+    storage.upload_dir(new, f"{s3_server}/ckpt")
+    keys = sorted(o["Key"] for o in storage._list_prefix(f"{s3_server}/ckpt"))
+    assert keys == ["ckpt/config.json", "ckpt/vae/w"]
+
+
 def test_checkpoint_on_s3(s3_server):
     ckpt = init_checkpoint(Params(), seed=3)
     uri = f"{s3_server}/checkpoints/t"
