@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -223,8 +224,9 @@ def save_train_state(state_dir, trainer: Trainer, extra: dict, keep: int = 2) ->
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors, rest = trainer.state()
     name = f"step-{trainer.step_count:08d}"
+    for leftover in state_dir.glob(".step-*.partial"):  # from a run killed while writing
+        shutil.rmtree(leftover, ignore_errors=True)
     partial = state_dir / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     save_file(tensors, str(partial / "state.safetensors"))
     with open(partial / "state.safetensors", "rb+") as f:
@@ -242,12 +244,34 @@ def save_train_state(state_dir, trainer: Trainer, extra: dict, keep: int = 2) ->
 
 
 def load_train_state(state_dir) -> tuple[dict, dict] | None:
-    """(tensors, rest) of the state `latest` points at, or None when there is none."""
-    pointer = Path(state_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    folder = Path(state_dir) / pointer.read_text().strip()
-    return load_file(str(folder / "state.safetensors")), json.loads((folder / "state.json").read_text())
+    """(tensors, rest) of the state `latest` points at; when that one is missing or unreadable, the newest
+    complete one before it (said on stderr); None when there is none."""
+    state_dir = Path(state_dir)
+    folders = sorted((p for p in state_dir.glob("step-*") if p.is_dir()), reverse=True)
+    pointer = state_dir / LATEST
+    if pointer.is_file():
+        named = state_dir / pointer.read_text().strip()
+        folders = [named] + [f for f in folders if f != named]
+    for folder in folders:
+        try:
+            return load_file(str(folder / "state.safetensors")), json.loads((folder / "state.json").read_text())
+        except Exception as err:  # safetensors, JSON and OS errors alike: this state is not usable
+            print(f"{folder}: unreadable training state ({type(err).__name__}: {err}); trying an older one",
+                  file=sys.stderr)
+    return None
+
+
+def set_aside_train_state(state_dir) -> Path:
+    """Move the states of another recipe into `state_dir/replaced/` (the one set aside before goes):
+    starting over must not delete a run's work silently."""
+    state_dir = Path(state_dir)
+    aside = state_dir / "replaced"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for entry in list(state_dir.iterdir()):
+        if entry != aside:
+            os.replace(entry, aside / entry.name)
+    return aside
 
 
 def data_fingerprint(path) -> str:
@@ -332,8 +356,9 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
         if rank == 0:
             print(f"resuming from step {trainer.step_count} ({state_dir})")
     elif saved is not None and rank == 0:
-        print(f"{state_dir}: the saved state is from another recipe or data; starting over")
-        shutil.rmtree(state_dir, ignore_errors=True)
+        aside = set_aside_train_state(state_dir)
+        print(f"{state_dir}: the saved state is from another recipe or data; starting over "
+              f"(the old state is kept in {aside} until the next change)")
     if dist.is_initialized():
         dist.barrier()  # nobody reads or removes the state while another rank decides
 

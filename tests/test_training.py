@@ -110,6 +110,29 @@ def test_a_finished_state_is_not_retrained_and_a_new_recipe_starts_over(workdir,
     changed = write_params(workdir, "again", steps=4, lr=1e-3)
     proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "again", changed)], workdir, env)
     assert "starting over" in proc.stdout
+    aside = workdir / "again" / "state" / "replaced"  # the old run's state is moved aside, not deleted
+    assert (aside / "latest").read_text().strip() == "step-00000004" and (aside / "step-00000004").is_dir()
+    assert (workdir / "again" / "state" / "latest").read_text().strip() == "step-00000004"
+
+
+def test_an_unreadable_latest_state_falls_back_to_the_one_before(tmp_path, capsys):
+    from mdsgen.model import MDSGen, config_for
+    from mdsgen.train import Trainer, TrainConfig, load_train_state, save_train_state
+
+    small = {k: v for k, v in SMALL_MODEL.items() if k != "size"}
+    trainer = Trainer(MDSGen(config_for("T", **small)), TrainConfig(steps=2, ema_decay=0))
+    for step in (1, 2):
+        trainer.step_count = step
+        save_train_state(tmp_path, trainer, {"tag": step})
+    (tmp_path / ".step-00000009.partial").mkdir()  # a write cut by a kill
+    (tmp_path / "step-00000002" / "state.safetensors").write_bytes(b"torn")
+    assert load_train_state(tmp_path)[1]["tag"] == 1
+    assert "step-00000002: unreadable training state" in capsys.readouterr().err
+    (tmp_path / "latest").unlink()  # no pointer at all: the newest complete state
+    assert load_train_state(tmp_path)[1]["tag"] == 1
+    trainer.step_count = 3
+    save_train_state(tmp_path, trainer, {"tag": 3})
+    assert not list(tmp_path.glob(".*.partial")) and load_train_state(tmp_path)[1]["tag"] == 3
 
 
 @pytest.mark.parametrize("time_dim", [-1, -2])
