@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .diffusion import SamplingConfig, sample
 from .encoders import build_frame_encoder
 from .errors import MediaError
-from .video import VideoWindows, frames_to_tensor, mux_audio, read_video_windows
+from .video import ReadLimits, VideoWindows, frames_to_tensor, mux_audio, read_video_windows
 
 FRAME_CHUNK = 64  # frames converted and encoded at a time
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp"}
@@ -48,8 +48,8 @@ class VideoToAudio:
             raise ValueError(f"frame encoder {self.encoder.name} gives {self.encoder.feature_dim}-d features, "
                              f"the denoiser expects {self.ckpt.model.config.feature_dim}")
 
-    def read(self, path) -> VideoWindows:
-        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds)
+    def read(self, path, limits: ReadLimits = ReadLimits()) -> VideoWindows:
+        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits)
 
     @torch.inference_mode()
     def features(self, windows: VideoWindows) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from .diffusion import SamplingConfig
 from .errors import MediaError, describe
 from .generate import VideoToAudio
+from .video import ReadLimits
 
 CHECKPOINT_DIR = "checkpoint"  # inside the version folder
 MONITOR_LOG_ENV = "MDSGEN_MONITOR_LOG"  # where to append request records (a folder or s3:// prefix)
@@ -84,7 +85,8 @@ def _video_features(generator: VideoToAudio, video: np.ndarray, max_windows: int
         file.write(data)
         file.flush()
         try:
-            windows = generator.read(file.name)
+            windows = generator.read(file.name, ReadLimits.for_windows(max_windows, generator.ckpt.video,
+                                                                        generator.ckpt.audio.clip_seconds))
         except MediaError as err:
             raise RequestError(f"VIDEO ({len(data)} bytes): {err.reason}") from err
     if windows.count > max_windows:

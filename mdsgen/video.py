@@ -34,6 +34,29 @@ class VideoConfig:
         return self.hop_frames / self.fps
 
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """What one video may cost to read, checked before and while decoding (a 1 KB file whose two frames are
+    10 hours apart must not fill a 4 fps grid with 144,000 frames)."""
+    max_seconds: float = 1800.0          # 30 minutes: a 4 fps grid of 224 x 224 frames is about 1 GB
+    max_pixels: int = 8192 * 4320        # per frame (8K)
+    max_aspect: float = 8.0              # longer side over shorter: 4096 x 2 would scale to 458,752 x 224
+
+    @classmethod
+    def for_windows(cls, windows: int, cfg: VideoConfig, clip_seconds: float) -> "ReadLimits":
+        return cls(max_seconds=clip_seconds + (windows - 1) * cfg.hop_seconds)
+
+
+def check_frame_size(path, width: int, height: int, limits: ReadLimits) -> None:
+    if width < 1 or height < 1:
+        raise MediaError(path, f"frames of {width} x {height} pixels")
+    if width * height > limits.max_pixels:
+        raise MediaError(path, f"frames of {width} x {height} pixels exceed the limit of {limits.max_pixels:,} pixels")
+    if max(width, height) / min(width, height) > limits.max_aspect:
+        raise MediaError(path, f"frames of {width} x {height} pixels exceed the aspect ratio limit of "
+                               f"{limits.max_aspect:g}:1")
+
+
 @dataclass
 class VideoWindows:
     grid: np.ndarray     # uint8 [frames, size, size, 3]: every frame on the 4 fps grid, padding included
@@ -85,14 +108,23 @@ def _open_video(path) -> av.container.InputContainer:
     return container
 
 
-def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: float = 8.192) -> VideoWindows:
-    """Decode `path` once and cut it into the windows the denoiser conditions on."""
+def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: float = 8.192,
+                       limits: ReadLimits = ReadLimits()) -> VideoWindows:
+    """Decode `path` once and cut it into the windows the denoiser conditions on, within `limits`."""
     container = _open_video(path)
     grid: list[np.ndarray] = []
     end_time = 0.0
+
+    def check_time(t: float) -> None:
+        if t > limits.max_seconds + TIME_TOLERANCE:
+            raise MediaError(path, f"video runs to {t:.0f} s, past the limit of {limits.max_seconds:.0f} s")
+
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        check_frame_size(path, stream.codec_context.width or 1, stream.codec_context.height or 1, limits)
+        if container.duration:  # what the container claims, before decoding anything
+            check_time(container.duration / av.time_base)
         start, current, current_rgb = None, None, None
 
         def shown():  # each decoded frame is converted once, however many grid times it covers
@@ -108,6 +140,9 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
                 if start is None:
                     start = frame.time
                 t = frame.time - start
+                check_time(t)
+                if current is None or (frame.width, frame.height) != (current.width, current.height):
+                    check_frame_size(path, frame.width, frame.height, limits)
                 # the frame on screen at grid time k / fps is the last one that started by then
                 # (within a millisecond: Matroska and WebM store times in whole milliseconds)
                 while current is not None and len(grid) / cfg.fps < t - TIME_TOLERANCE:
@@ -120,6 +155,7 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
             # a damaged tail: keep what decoded, as players do
         if current is None:
             raise MediaError(path, "video stream has no decodable frames")
+        check_time(end_time)  # a file that claims a tiny frame rate stretches its last frame
         while len(grid) / cfg.fps < end_time - TIME_TOLERANCE:
             grid.append(shown())
     real = len(grid)

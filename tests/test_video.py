@@ -80,3 +80,38 @@ def test_display_rotation_is_applied(tmp_path):
     assert read_video_windows(upright).grid[0][10, 10, 0] > 200
     frame = read_video_windows(rotated).grid[0]
     assert frame[10, 213, 0] > 200 and frame[10, 10, 0] < 200  # turned clockwise: now top-right
+
+
+def _two_frames(path, width, height, seconds_apart, codec="ffv1"):
+    """A tiny file of two frames `seconds_apart` apart (millisecond time base)."""
+    import av
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p" if codec != "ffv1" else "yuv444p"
+        stream.time_base = Fraction(1, 1000)
+        for pts in (0, int(seconds_apart * 1000)):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 128, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def test_videos_that_cost_far_more_than_they_look_are_refused_before_the_work(tmp_path):
+    from mdsgen.video import ReadLimits
+
+    jump = _two_frames(tmp_path / "jump.mkv", 64, 64, 10 * 3600)  # 10 hours between two frames
+    assert jump.stat().st_size < 10_000
+    with pytest.raises(MediaError, match=r"past the limit of 1800 s"):
+        read_video_windows(jump)
+    wide = _two_frames(tmp_path / "wide.mkv", 4096, 2, 0.25)
+    with pytest.raises(MediaError, match=r"4096 x 2 pixels exceed the aspect ratio limit of 8:1"):
+        read_video_windows(wide)
+    normal = make_video(tmp_path / "three.mp4", seconds=3.0)  # 160 x 120
+    with pytest.raises(MediaError, match=r"160 x 120 pixels exceed the limit of 10,000 pixels"):
+        read_video_windows(normal, limits=ReadLimits(max_pixels=10_000))
+    with pytest.raises(MediaError, match=r"runs to 3 s, past the limit of 2 s"):
+        read_video_windows(normal, limits=ReadLimits(max_seconds=2.0))
+    assert read_video_windows(normal, limits=ReadLimits(max_seconds=3.0)).count == 1  # the limit itself is fine
