@@ -54,7 +54,7 @@ def report_results(results, where: str = "") -> int:
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """What `generate` and `client` share: the inputs, the output folder, the sampling overrides."""
-    p.add_argument("input", help="a video file, a folder of videos, or a CSV listing them")
+    p.add_argument("input", help="a video or picture file, a folder of them, or a CSV listing them")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's sampling settings)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the checkpoint's)")
@@ -73,7 +73,7 @@ def cmd_generate(args) -> int:
     with storage.staged_output(args.output) as outdir:
         results = generate_files(storage.local_input(args.input), outdir, ckpt, sampling, seed=args.seed,
                                  device=args.device, batch_size=args.batch_size, mux=not args.no_mux,
-                                 split=args.split, limit=args.limit)
+                                 split=args.split, limit=args.limit, still_seconds=args.duration)
     return report_results(results)
 
 
@@ -416,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a registered model, e.g. models:/mdsgen@champion")
     p.add_argument("--params", default="params.yaml", help="for the MLflow store of --model")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--duration", type=float, help="seconds of sound for a still image (default: one window)")
     p.add_argument("--batch-size", type=int, default=8, help="windows sampled together")
     p.set_defaults(func=cmd_generate)
 

@@ -24,7 +24,8 @@ from .errors import MediaError
 from .video import ReadLimits, VideoWindows, frames_to_tensor, mux_audio, read_video_windows
 
 FRAME_CHUNK = 64  # frames converted and encoded at a time
-VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp",
+                  ".png", ".jpg", ".jpeg", ".webp", ".bmp"}  # a picture is a still scene
 
 
 @dataclass
@@ -39,17 +40,19 @@ class Soundtrack:
 class VideoToAudio:
     """A loaded generator. Build once, call `soundtrack` per video."""
 
-    def __init__(self, checkpoint: Checkpoint | str, device: str = "cpu", batch_size: int = 8):
+    def __init__(self, checkpoint: Checkpoint | str, device: str = "cpu", batch_size: int = 8,
+                 still_seconds: float | None = None):
         self.ckpt = load_checkpoint(checkpoint, device) if isinstance(checkpoint, str) else checkpoint
         self.device = device
         self.batch_size = batch_size
+        self.still_seconds = still_seconds  # how long a still image's sound lasts (None: one window)
         self.encoder = build_frame_encoder(self.ckpt.frame_encoder).to(device)
         if self.encoder.feature_dim != self.ckpt.model.config.feature_dim:
             raise ValueError(f"frame encoder {self.encoder.name} gives {self.encoder.feature_dim}-d features, "
                              f"the denoiser expects {self.ckpt.model.config.feature_dim}")
 
     def read(self, path, limits: ReadLimits = ReadLimits()) -> VideoWindows:
-        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits)
+        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits, self.still_seconds)
 
     @torch.inference_mode()
     def features(self, windows: VideoWindows) -> torch.Tensor:
@@ -128,6 +131,9 @@ def list_inputs(source, split: str | None = None) -> list[Path]:
     source = Path(source)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        for other in sorted(set(source.iterdir()) - set(files)):
+            print(f"skipped: {other} ({'a folder' if other.is_dir() else 'not a video or picture file name'})",
+                  file=sys.stderr)
         if not files:
             raise FileNotFoundError(f"{source}: no video files in this folder")
         return files
@@ -164,10 +170,11 @@ class Result:
 
 def generate_files(source, outdir, checkpoint: str, sampling: SamplingConfig | None = None,
                    seed: int = 0, device: str = "cpu", batch_size: int = 8, mux: bool = True,
-                   split: str | None = None, limit: int | None = None) -> list[Result]:
+                   split: str | None = None, limit: int | None = None,
+                   still_seconds: float | None = None) -> list[Result]:
     """Generate in this process for every input; a bad input is reported and skipped, the rest still run."""
     inputs = list_inputs(source, split)[:limit]
-    generator = VideoToAudio(checkpoint, device=device, batch_size=batch_size)
+    generator = VideoToAudio(checkpoint, device=device, batch_size=batch_size, still_seconds=still_seconds)
     sampling = sampling or generator.ckpt.sampling
     return write_soundtracks(inputs, outdir, lambda path: generator.soundtrack(path, sampling, seed), mux)
 

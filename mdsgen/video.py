@@ -57,10 +57,16 @@ def check_frame_size(path, width: int, height: int, limits: ReadLimits) -> None:
                                f"{limits.max_aspect:g}:1")
 
 
+def is_still_image(container) -> bool:
+    """A picture (PNG, JPEG, WebP, ...), whatever its file name says: FFmpeg reads it with an image demuxer."""
+    name = container.format.name
+    return name == "image2" or name.endswith("_pipe")
+
+
 @dataclass
 class VideoWindows:
     grid: np.ndarray     # uint8 [frames, size, size, 3]: every frame on the 4 fps grid, padding included
-    duration: float      # seconds of real video (audio is trimmed to it)
+    duration: float      # seconds of real video (audio is trimmed to it); for a still image, the asked length
     real_frames: int     # frames of the grid inside the video (the rest repeat the last one)
     count: int           # windows
     cfg: VideoConfig
@@ -109,9 +115,11 @@ def _open_video(path) -> av.container.InputContainer:
 
 
 def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: float = 8.192,
-                       limits: ReadLimits = ReadLimits()) -> VideoWindows:
-    """Decode `path` once and cut it into the windows the denoiser conditions on, within `limits`."""
+                       limits: ReadLimits = ReadLimits(), still_seconds: float | None = None) -> VideoWindows:
+    """Decode `path` once and cut it into the windows the denoiser conditions on, within `limits`.
+    A still image is a scene of `still_seconds` (default: one window) showing it."""
     container = _open_video(path)
+    still = is_still_image(container)
     grid: list[np.ndarray] = []
     end_time = 0.0
 
@@ -155,6 +163,10 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
             # a damaged tail: keep what decoded, as players do
         if current is None:
             raise MediaError(path, "video stream has no decodable frames")
+        if still:
+            end_time = clip_seconds if still_seconds is None else still_seconds
+            if end_time <= 0:
+                raise MediaError(path, f"a still image needs a positive duration, not {end_time} s")
         check_time(end_time)  # a file that claims a tiny frame rate stretches its last frame
         while len(grid) / cfg.fps < end_time - TIME_TOLERANCE:
             grid.append(shown())
@@ -190,6 +202,8 @@ def mux_audio(video_path, wave: np.ndarray, sample_rate: int, out_stem) -> Path:
     interleaved by time. The file appears under its name only when complete.
     """
     with _open_video(video_path) as source:
+        if is_still_image(source):
+            return _still_with_audio(video_path, next(source.decode(video=0)), wave, sample_rate, out_stem)
         in_video = source.streams.video[0]
         suffix = ".mp4" if in_video.codec_context.name in MP4_VIDEO_CODECS else ".mkv"
         out_path = Path(f"{out_stem}{suffix}")
@@ -204,6 +218,31 @@ def mux_audio(video_path, wave: np.ndarray, sample_rate: int, out_stem) -> Path:
             tmp.replace(out_path)
         finally:
             tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def _still_with_audio(image_path, picture: av.VideoFrame, wave: np.ndarray, sample_rate: int, out_stem) -> Path:
+    """An MP4 that shows the picture (H.264 at 1 fps, sides rounded down to even) for as long as `wave` lasts."""
+    out_path = Path(f"{out_stem}.mp4")
+    tmp = out_path.with_name(f".{out_path.stem}.partial.mp4")
+    width, height = max(2, picture.width // 2 * 2), max(2, picture.height // 2 * 2)
+    image = picture.reformat(width=width, height=height, format="yuv420p")
+    try:
+        with av.open(str(tmp), "w") as sink:
+            video = sink.add_stream("libx264", rate=1, options={"crf": "18", "preset": "veryfast"})
+            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+            audio = sink.add_stream("aac", rate=sample_rate, layout="mono")
+            for second in range(max(1, math.ceil(len(wave) / sample_rate))):
+                frame = av.VideoFrame.from_ndarray(image.to_ndarray(), format="yuv420p")
+                frame.pts = second
+                sink.mux(video.encode(frame))
+            sink.mux(video.encode(None))
+            sink.mux(encode_aac(audio, wave, sample_rate))
+        tmp.replace(out_path)
+    except av.error.FFmpegError as err:
+        raise MediaError(image_path, f"cannot write the still as a video ({describe(err)})") from err
+    finally:
+        tmp.unlink(missing_ok=True)
     return out_path
 
 

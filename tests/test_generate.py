@@ -96,6 +96,19 @@ def test_inputs_with_the_same_name_get_their_own_outputs(tmp_path):
         assert np.allclose(wave, tones[r.input], atol=1e-3)
 
 
+def test_a_picture_gets_a_soundtrack_and_a_video_of_the_still(tmp_path, untrained_checkpoint):
+    from PIL import Image
+
+    Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(tmp_path / "poster.jpg")
+    run_generate(tmp_path / "poster.jpg", "-o", tmp_path / "out", "--checkpoint", untrained_checkpoint,
+                 "--steps", "2", "--duration", "3", check=True)
+    wave, rate = sf.read(tmp_path / "out" / "poster.wav")
+    assert len(wave) == round(3 * rate)
+    kinds = {kind: (codec, seconds) for kind, codec, seconds in streams(tmp_path / "out" / "poster.mp4")}
+    assert kinds["video"][0] == "h264" and kinds["audio"][0] == "aac"
+    assert kinds["audio"][1] == pytest.approx(3.0, abs=0.1)
+
+
 def test_csv_input(tmp_path, untrained_checkpoint):
     make_video(tmp_path / "a.mp4", seconds=2.0)
     with open(tmp_path / "list.csv", "w", newline="") as f:

@@ -115,3 +115,27 @@ def test_videos_that_cost_far_more_than_they_look_are_refused_before_the_work(tm
     with pytest.raises(MediaError, match=r"runs to 3 s, past the limit of 2 s"):
         read_video_windows(normal, limits=ReadLimits(max_seconds=2.0))
     assert read_video_windows(normal, limits=ReadLimits(max_seconds=3.0)).count == 1  # the limit itself is fine
+
+
+def test_a_picture_is_a_still_scene_whatever_its_name(tmp_path):
+    from PIL import Image
+    from mdsgen.video import mux_audio
+
+    picture = np.zeros((90, 121, 3), np.uint8)
+    picture[:, 60:] = 200
+    Image.fromarray(picture).save(tmp_path / "still.png")
+    (tmp_path / "named.mp4").write_bytes((tmp_path / "still.png").read_bytes())  # a PNG named .mp4
+    for path in (tmp_path / "still.png", tmp_path / "named.mp4"):
+        windows = read_video_windows(path)
+        assert windows.count == 1 and windows.duration == pytest.approx(8.192)
+        assert all((frame == windows.grid[0]).all() for frame in windows.grid)
+    assert read_video_windows(tmp_path / "still.png", still_seconds=20.0).count == 3
+    with pytest.raises(MediaError, match="positive duration"):
+        read_video_windows(tmp_path / "still.png", still_seconds=0)
+    wave = np.sin(np.arange(16000 * 3) / 10).astype(np.float32) * 0.3
+    out = mux_audio(tmp_path / "named.mp4", wave, 16000, tmp_path / "out")
+    import av
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].codec_context.name == "h264" and c.streams.audio
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (120, 90)
+        assert c.duration / av.time_base == pytest.approx(3.0, abs=0.1)
