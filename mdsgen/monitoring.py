@@ -98,10 +98,12 @@ def summarize(summarizer: Summarizer | None, features: torch.Tensor, wave: np.nd
 
 class RecordLog:
     """Append-only JSON lines. Locally one file per process, one write per record (a crash can cut only
-    the last line); on S3 records are buffered and each flush writes a new object (S3 cannot append)."""
+    the last line); on S3 records are buffered and each flush writes a new object (S3 cannot append):
+    after `flush_every` records or when the oldest has waited `flush_seconds` (a quiet server too)."""
 
-    def __init__(self, uri: str, flush_every: int = 32):
-        self.uri, self.flush_every = str(uri), flush_every
+    def __init__(self, uri: str, flush_every: int = 32, flush_seconds: float = 60.0):
+        self.uri, self.flush_every, self.flush_seconds = str(uri), flush_every, flush_seconds
+        self.oldest = 0.0  # monotonic time of the oldest buffered record
         self.name = (f"records-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{socket.gethostname()}-{os.getpid()}"
                      f"-{uuid.uuid4().hex[:6]}")  # a restarted server never appends to a cut file
         self.buffer: list[str] = []
@@ -114,6 +116,8 @@ class RecordLog:
         line = json.dumps(record, separators=(",", ":")) + "\n"
         with self.lock:
             if storage.is_s3(self.uri):
+                if not self.buffer:
+                    self.oldest = time.monotonic()
                 self.buffer.append(line)
                 if len(self.buffer) >= self.flush_every:
                     self._flush_s3()
@@ -130,6 +134,11 @@ class RecordLog:
             storage.write_bytes(storage.join(self.uri, f"{self.name}-{self.parts:05d}.jsonl"),
                                 "".join(self.buffer).encode())
             self.buffer = []
+
+    def flush_if_due(self) -> None:
+        with self.lock:
+            if self.buffer and time.monotonic() - self.oldest >= self.flush_seconds:
+                self._flush_s3()
 
     def close(self) -> None:
         with self.lock:
@@ -186,31 +195,51 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 class Recorder:
     """Summarises served requests on a background thread, so responses do not wait for the summary."""
 
-    def __init__(self, log: RecordLog, summarizer: Summarizer | None, model: str, version: str):
+    def __init__(self, log: RecordLog, summarizer: Summarizer | None, model: str, version: str,
+                 max_queue_bytes: int = 256 << 20):
         self.log, self.summarizer, self.model, self.version = log, summarizer, model, version
-        self.queue: queue.Queue = queue.Queue(maxsize=1024)
+        self.queue: queue.Queue = queue.Queue()
+        self.max_queue_bytes, self.queued_bytes = max_queue_bytes, 0  # waves are large: bound by bytes
+        self.bytes_lock = threading.Lock()
         self.thread = threading.Thread(target=self._work, daemon=True, name="mdsgen-monitor")
         self.thread.start()
 
     def submit(self, features: torch.Tensor, wave: np.ndarray, sample_rate: int, latency: float, **extra) -> None:
         record = {"time": datetime.now(timezone.utc).isoformat(), "model": self.model,
                   "model_version": self.version, "latency_s": round(latency, 4), **extra}
-        try:
-            self.queue.put_nowait((record, features.detach().cpu(), wave, sample_rate))
-        except queue.Full:
-            warnings.warn("monitoring queue full: a record was dropped")
+        features = features.detach().cpu()
+        size = features.numel() * features.element_size() + wave.nbytes
+        with self.bytes_lock:
+            if self.queued_bytes + size > self.max_queue_bytes:
+                warnings.warn(f"monitoring queue holds {self.queued_bytes >> 20} MB of waiting requests: "
+                              "a record was dropped")
+                return
+            self.queued_bytes += size
+        self.queue.put((record, features, wave, sample_rate, size))
 
     def _work(self) -> None:
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=min(5.0, self.log.flush_seconds))
+            except queue.Empty:
+                item = ()
+            try:
+                self.log.flush_if_due()
+            except Exception as err:
+                warnings.warn(f"monitoring flush failed: {type(err).__name__}: {err}")
             if item is None:
                 return
-            record, features, wave, sample_rate = item
+            if not item:
+                continue
+            record, features, wave, sample_rate, size = item
             try:
                 record["summary"] = summarize(self.summarizer, features, wave, sample_rate)
                 self.log.append(record)
             except Exception as err:  # monitoring must never break serving
                 warnings.warn(f"monitoring record failed: {type(err).__name__}: {err}")
+            finally:
+                with self.bytes_lock:
+                    self.queued_bytes -= size
 
     def close(self, timeout: float = 60.0) -> None:
         self.queue.put(None)

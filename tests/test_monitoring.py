@@ -49,6 +49,29 @@ def test_record_log_on_s3(s3_server):
     assert [r["summary"]["x"] for r in read_records(f"{s3_server}/records")] == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
+def test_a_quiet_server_flushes_its_records_and_the_queue_is_bounded_by_bytes(s3_server):
+    """One request and then silence: the record reaches S3 after flush_seconds, not at the 32nd request or
+    at shutdown. A request whose wave would overfill the queue's byte budget is dropped, with a warning."""
+    import time
+
+    import numpy as np
+    import torch
+    from mdsgen.monitoring import Recorder, RecordLog, read_records
+
+    log = RecordLog(f"{s3_server}/quiet", flush_every=32, flush_seconds=0.5)
+    recorder = Recorder(log, None, "mdsgen", "1", max_queue_bytes=4 << 20)
+    wave = (0.1 * np.sin(np.arange(16000 * 2) / 5)).astype(np.float32)
+    recorder.submit(torch.zeros(1, 32, 8), wave, 16000, latency=0.2)
+    deadline = time.monotonic() + 60
+    while not (records := read_records(f"{s3_server}/quiet")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(records) == 1 and records[0]["latency_s"] == 0.2
+    with pytest.warns(UserWarning, match="a record was dropped"):
+        recorder.submit(torch.zeros(1, 32, 8), np.zeros(2 << 20, np.float32), 16000, latency=0.3)  # 8 MB
+    recorder.close()
+    assert recorder.queued_bytes == 0 and len(read_records(f"{s3_server}/quiet")) == 1
+
+
 def test_since_accepts_durations_and_times():
     from mdsgen.monitoring import parse_since
 
