@@ -79,8 +79,9 @@ class VideoToAudio:
 
     @torch.inference_mode()
     def waves(self, latents: torch.Tensor) -> torch.Tensor:
-        mels = torch.cat([self.ckpt.vae.decode(z) for z in latents.split(self.batch_size)])
-        return vocode(mels.float(), self.ckpt.audio).cpu()
+        """Decode and vocode `batch_size` windows at a time: a long video's memory stays bounded."""
+        return torch.cat([vocode(self.ckpt.vae.decode(z).float(), self.ckpt.audio).cpu()
+                          for z in latents.split(self.batch_size)])
 
     def join(self, waves: torch.Tensor, duration: float) -> np.ndarray:
         """Overlap-add consecutive windows with an equal-power crossfade, cut to the video's length."""

@@ -49,7 +49,7 @@ def parse_request(generator: VideoToAudio, inputs: dict, limits: dict) -> tuple:
     if (video is None) == (features is None):
         raise RequestError("send exactly one of VIDEO (encoded video bytes) or FEATURES (frame features)")
     if video is not None:
-        features, duration = _video_features(generator, video, limits["max_windows"])
+        features, duration = _video_features(generator, video, limits["max_windows"], limits["max_video_bytes"])
     else:
         features, duration = _given_features(ckpt, features, inputs.get("DURATION"), limits["max_windows"])
     steps = _scalar(inputs, "STEPS", ckpt.sampling.steps, int)
@@ -75,12 +75,15 @@ def _scalar(inputs: dict, name: str, default, kind):
     return kind(value.reshape(-1)[0])
 
 
-def _video_features(generator: VideoToAudio, video: np.ndarray, max_windows: int):
+def _video_features(generator: VideoToAudio, video: np.ndarray, max_windows: int, max_bytes: int):
     if video.size != 1 or not isinstance(video.reshape(-1)[0], bytes):
         raise RequestError(f"VIDEO: expected one element of encoded video bytes, got shape {list(video.shape)}")
     data = video.reshape(-1)[0]
     if not data:
         raise RequestError("VIDEO: empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise RequestError(f"VIDEO: {len(data):,} bytes; this server takes at most {max_bytes:,} per request "
+                           f"(parameter max_video_bytes)")
     with tempfile.NamedTemporaryFile(suffix=".video") as file:  # PyAV probes formats best from a file
         file.write(data)
         file.flush()
@@ -136,7 +139,8 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             device = f"cuda:{args['model_instance_device_id']}"
         self.limits = {"max_windows": int(parameters.get("max_windows", 64)),
-                       "max_steps": int(parameters.get("max_steps", 200))}
+                       "max_steps": int(parameters.get("max_steps", 200)),
+                       "max_video_bytes": int(parameters.get("max_video_bytes", 256 << 20))}
         checkpoint = Path(args["model_repository"]) / args["model_version"] / CHECKPOINT_DIR
         self.generator = VideoToAudio(str(checkpoint), device=device,
                                       batch_size=int(parameters.get("denoise_batch", 16)))

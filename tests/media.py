@@ -1,6 +1,7 @@
 """Small real media files written with PyAV for the tests."""
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -84,3 +85,18 @@ def darken(source, path, factor: float = 0.15) -> Path:
             out.mux(video.encode(new))
         out.mux(video.encode(None))
     return path
+
+
+def two_frames(path, width, height, seconds_apart, codec="ffv1"):
+    """A tiny file of two frames `seconds_apart` apart (millisecond time base)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p" if codec != "ffv1" else "yuv444p"
+        stream.time_base = Fraction(1, 1000)
+        for pts in (0, int(seconds_apart * 1000)):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 128, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from media import two_frames
 from procs import ROOT, run
 
 STEPS = 3  # requests ask for few steps: the tests check plumbing, not quality
@@ -120,6 +121,10 @@ def test_bad_requests_are_named_and_the_server_keeps_serving(server, client, big
     assert "NaN" in error_of(features=np.full((1, 32, 1280), np.nan, np.float32))
     assert "exactly one of VIDEO" in error_of()
     assert "SEED -1" in error_of(video=bigbuckbunny, seed=-1)
+    # files that cost far more than they look: refused by the limits, before the work
+    jump = two_frames(tmp_path / "jump.mkv", 64, 64, 10 * 3600).read_bytes()  # frames 10 hours apart
+    assert "past the limit of 449 s" in error_of(video=jump)
+    assert "aspect ratio limit" in error_of(video=two_frames(tmp_path / "wide.mkv", 4096, 2, 0.25).read_bytes())
     # a wrong dtype or shape is refused by Triton itself, naming the input
     steps = grpcclient.InferInput("STEPS", [1, 1], "FP32")
     steps.set_data_from_numpy(np.array([[3.0]], np.float32))

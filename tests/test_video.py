@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from media import frame_level, make_audio_only, make_video
+from media import frame_level, make_audio_only, make_video, two_frames
 from mdsgen.errors import MediaError
 from mdsgen.video import VideoConfig, read_video_windows, window_count
 
@@ -82,31 +82,14 @@ def test_display_rotation_is_applied(tmp_path):
     assert frame[10, 213, 0] > 200 and frame[10, 10, 0] < 200  # turned clockwise: now top-right
 
 
-def _two_frames(path, width, height, seconds_apart, codec="ffv1"):
-    """A tiny file of two frames `seconds_apart` apart (millisecond time base)."""
-    import av
-    from fractions import Fraction
-
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=1)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p" if codec != "ffv1" else "yuv444p"
-        stream.time_base = Fraction(1, 1000)
-        for pts in (0, int(seconds_apart * 1000)):
-            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 128, np.uint8), format="rgb24")
-            frame.pts, frame.time_base = pts, Fraction(1, 1000)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return path
-
-
 def test_videos_that_cost_far_more_than_they_look_are_refused_before_the_work(tmp_path):
     from mdsgen.video import ReadLimits
 
-    jump = _two_frames(tmp_path / "jump.mkv", 64, 64, 10 * 3600)  # 10 hours between two frames
+    jump = two_frames(tmp_path / "jump.mkv", 64, 64, 10 * 3600)  # 10 hours between two frames
     assert jump.stat().st_size < 10_000
     with pytest.raises(MediaError, match=r"past the limit of 1800 s"):
         read_video_windows(jump)
-    wide = _two_frames(tmp_path / "wide.mkv", 4096, 2, 0.25)
+    wide = two_frames(tmp_path / "wide.mkv", 4096, 2, 0.25)
     with pytest.raises(MediaError, match=r"4096 x 2 pixels exceed the aspect ratio limit of 8:1"):
         read_video_windows(wide)
     normal = make_video(tmp_path / "three.mp4", seconds=3.0)  # 160 x 120
