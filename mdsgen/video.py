@@ -232,8 +232,9 @@ def _still_with_audio(image_path, picture: av.VideoFrame, wave: np.ndarray, samp
             video = sink.add_stream("libx264", rate=1, options={"crf": "18", "preset": "veryfast"})
             video.width, video.height, video.pix_fmt = width, height, "yuv420p"
             audio = sink.add_stream("aac", rate=sample_rate, layout="mono")
+            pixels = image.to_ndarray()  # converted once; each second re-sends the same picture
             for second in range(max(1, math.ceil(len(wave) / sample_rate))):
-                frame = av.VideoFrame.from_ndarray(image.to_ndarray(), format="yuv420p")
+                frame = av.VideoFrame.from_ndarray(pixels, format="yuv420p")
                 frame.pts = second
                 sink.mux(video.encode(frame))
             sink.mux(video.encode(None))
