@@ -332,7 +332,7 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
     import mlflow
 
     from . import tracking
-    from .checkpoint import init_checkpoint, save_checkpoint
+    from .checkpoint import init_checkpoint
     from .features import load_latents
 
     cfg: TrainConfig = params.train
@@ -398,21 +398,34 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_train_state(state_dir, trainer, {"recipe": recipe, "mlflow_run_id": run.info.run_id},
                                  cfg.keep_checkpoints)
-        if rank != 0:
-            return {}
-        final = trainer.final_model()
-        if val is not None:
-            log_samples(final, ckpt.vae, val, params, trainer.step_count, cfg.sample_clips, device)
-        save_checkpoint(replace(ckpt, model=copy.deepcopy(final).float().cpu()), str(out))
-        metrics = {"steps": trainer.step_count, "final_loss": trainer.losses["last"],
-                   "first_loss": trainer.losses["first"],
-                   "seconds_this_invocation": time.perf_counter() - start_time,
-                   "resumed_from_step": start_step, "world_size": trainer.world,
-                   "mlflow_run_id": run.info.run_id, "mlflow_tracking_uri": mlflow.get_tracking_uri()}
-        mlflow.log_metrics({"train_seconds": metrics["seconds_this_invocation"]}, step=trainer.step_count)
-        return metrics
+        metrics = finish(trainer, ckpt, val, params, out, device, start_step, start_time, run) if rank == 0 else {}
     finally:
         if run is not None:
             mlflow.end_run()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        # Every rank waits for rank 0's final save, then all leave together: a rank that shuts its gloo
+        # connections down while another still runs can hang the job (pytorch#75097). After a failure the
+        # group is left to torchrun, which stops the other ranks.
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def finish(trainer: Trainer, ckpt, val, params, out, device: str, start_step: int, start_time: float,
+           run) -> dict:
+    """Rank 0 after the last step: the final samples, the checkpoint and the stage's metrics."""
+    import mlflow
+
+    from .checkpoint import save_checkpoint
+
+    final = trainer.final_model()
+    if val is not None:
+        log_samples(final, ckpt.vae, val, params, trainer.step_count, params.train.sample_clips, device)
+    save_checkpoint(replace(ckpt, model=copy.deepcopy(final).float().cpu()), str(out))
+    metrics = {"steps": trainer.step_count, "final_loss": trainer.losses["last"],
+               "first_loss": trainer.losses["first"],
+               "seconds_this_invocation": time.perf_counter() - start_time,
+               "resumed_from_step": start_step, "world_size": trainer.world,
+               "mlflow_run_id": run.info.run_id, "mlflow_tracking_uri": mlflow.get_tracking_uri()}
+    mlflow.log_metrics({"train_seconds": metrics["seconds_this_invocation"]}, step=trainer.step_count)
+    return metrics

@@ -157,7 +157,7 @@ def test_two_ddp_processes_follow_the_single_process_trajectory(workdir, mlflow_
     params = write_params(workdir, "ddp", steps=6, batch_size=8, time_roll=True)  # both draw the same rolls
     run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "single", params)], workdir, env)
     run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mdsgen",
-         *train_cmd(workdir, "two", params)], workdir, env)
+         *train_cmd(workdir, "two", params)], workdir, env, timeout=300)  # about 30 s; a hang fails sooner
     single = json.loads((workdir / "single" / "metrics.json").read_text())
     two = json.loads((workdir / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2 and single["world_size"] == 1
