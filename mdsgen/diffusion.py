@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -144,8 +145,10 @@ def make_scheduler(cfg: SamplingConfig, prediction: str = "epsilon"):
 
 @torch.no_grad()
 def sample(model: MDSGen, features: torch.Tensor, cfg: SamplingConfig = SamplingConfig(),
-           noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Latents [B, C, H, W] for frame features [B, T, F]; deterministic given the initial noise."""
+           noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Latents [B, C, H, W] for frame features [B, T, F]; deterministic given the initial noise.
+    `on_step(done, total)` is called after each solver step (progress for a user who waits)."""
     c = model.config
     shape = (features.shape[0], c.in_channels, *c.input_size)
     if noise is None:
@@ -153,13 +156,15 @@ def sample(model: MDSGen, features: torch.Tensor, cfg: SamplingConfig = Sampling
     x = noise.to(features.device, features.dtype)
     scheduler = make_scheduler(cfg, c.prediction)
     scheduler.set_timesteps(cfg.steps, device=features.device)
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         ts = t.expand(x.shape[0]).to(features.device)
         if cfg.cfg_scale == 1.0:
             out = model(x, ts, features)
         else:
             out = model.forward_with_cfg(x, ts, features, guidance_scale(t, cfg.cfg_scale, cfg.cfg_power))
         x = scheduler.step(out, t, x).prev_sample
+        if on_step is not None:
+            on_step(i + 1, len(scheduler.timesteps))
     return x
 
 

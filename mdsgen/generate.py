@@ -51,8 +51,10 @@ class VideoToAudio:
             raise ValueError(f"frame encoder {self.encoder.name} gives {self.encoder.feature_dim}-d features, "
                              f"the denoiser expects {self.ckpt.model.config.feature_dim}")
 
-    def read(self, path, limits: ReadLimits = ReadLimits()) -> VideoWindows:
-        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits, self.still_seconds)
+    def read(self, path, limits: ReadLimits = ReadLimits(), still_seconds: float | None = None) -> VideoWindows:
+        """The video's windows; a still image lasts `still_seconds` (default: the generator's setting)."""
+        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits,
+                                  self.still_seconds if still_seconds is None else still_seconds)
 
     @torch.inference_mode()
     def features(self, windows: VideoWindows) -> torch.Tensor:
@@ -69,10 +71,17 @@ class VideoToAudio:
         return torch.randn((windows, c.in_channels, *c.input_size), generator=torch.Generator().manual_seed(seed))
 
     @torch.inference_mode()
-    def denoise(self, features: torch.Tensor, noise: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-        """Sample latents for any number of windows, `batch_size` at a time."""
-        return torch.cat([sample(self.ckpt.model, f, sampling, noise=n)
-                          for f, n in zip(features.split(self.batch_size), noise.split(self.batch_size))])
+    def denoise(self, features: torch.Tensor, noise: torch.Tensor, sampling: SamplingConfig,
+                on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Sample latents for any number of windows, `batch_size` at a time; `on_step(done, total)` counts
+        solver steps over all batches."""
+        batches = list(zip(features.split(self.batch_size), noise.split(self.batch_size)))
+
+        def progress(batch: int):
+            return None if on_step is None else lambda done, steps: on_step(batch * steps + done, steps * len(batches))
+
+        return torch.cat([sample(self.ckpt.model, f, sampling, noise=n, on_step=progress(b))
+                          for b, (f, n) in enumerate(batches)])
 
     def latents(self, features: torch.Tensor, sampling: SamplingConfig, seed: int) -> torch.Tensor:
         return self.denoise(features, self.noise(len(features), seed), sampling)
@@ -82,6 +91,14 @@ class VideoToAudio:
         """Decode and vocode `batch_size` windows at a time: a long video's memory stays bounded."""
         return torch.cat([vocode(self.ckpt.vae.decode(z).float(), self.ckpt.audio).cpu()
                           for z in latents.split(self.batch_size)])
+
+    def batch(self, features: list[torch.Tensor], durations: list[float], seeds: list[int], sampling: SamplingConfig,
+              on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Soundtracks of several videos (or of one video with several seeds) whose windows are denoised and
+        decoded together: features[i] [windows, 32, F] -> a wave `durations[i]` seconds long."""
+        noise = torch.cat([self.noise(len(f), seed) for f, seed in zip(features, seeds)])
+        waves = self.waves(self.denoise(torch.cat(features), noise, sampling, on_step))
+        return [self.join(part, duration) for part, duration in zip(waves.split([len(f) for f in features]), durations)]
 
     def join(self, waves: torch.Tensor, duration: float) -> np.ndarray:
         """Overlap-add consecutive windows with an equal-power crossfade, cut to the video's length."""

@@ -49,7 +49,8 @@ def parse_request(generator: VideoToAudio, inputs: dict, limits: dict) -> tuple:
     if (video is None) == (features is None):
         raise RequestError("send exactly one of VIDEO (encoded video bytes) or FEATURES (frame features)")
     if video is not None:
-        features, duration = _video_features(generator, video, limits["max_windows"], limits["max_video_bytes"])
+        features, duration = _video_features(generator, video, inputs.get("DURATION"), limits["max_windows"],
+                                             limits["max_video_bytes"])
     else:
         features, duration = _given_features(ckpt, features, inputs.get("DURATION"), limits["max_windows"])
     steps = _scalar(inputs, "STEPS", ckpt.sampling.steps, int)
@@ -75,7 +76,8 @@ def _scalar(inputs: dict, name: str, default, kind):
     return kind(value.reshape(-1)[0])
 
 
-def _video_features(generator: VideoToAudio, video: np.ndarray, max_windows: int, max_bytes: int):
+def _video_features(generator: VideoToAudio, video: np.ndarray, duration: np.ndarray | None, max_windows: int,
+                    max_bytes: int):
     if video.size != 1 or not isinstance(video.reshape(-1)[0], bytes):
         raise RequestError(f"VIDEO: expected one element of encoded video bytes, got shape {list(video.shape)}")
     data = video.reshape(-1)[0]
@@ -84,14 +86,19 @@ def _video_features(generator: VideoToAudio, video: np.ndarray, max_windows: int
     if len(data) > max_bytes:
         raise RequestError(f"VIDEO: {len(data):,} bytes; this server takes at most {max_bytes:,} per request "
                            f"(parameter max_video_bytes)")
+    still_seconds = None if duration is None else float(_scalar({"DURATION": duration}, "DURATION", 0.0, float))
     with tempfile.NamedTemporaryFile(suffix=".video") as file:  # PyAV probes formats best from a file
         file.write(data)
         file.flush()
         try:
             windows = generator.read(file.name, ReadLimits.for_windows(max_windows, generator.ckpt.video,
-                                                                        generator.ckpt.audio.clip_seconds))
+                                                                        generator.ckpt.audio.clip_seconds),
+                                     still_seconds=still_seconds)
         except MediaError as err:
             raise RequestError(f"VIDEO ({len(data)} bytes): {err.reason}") from err
+    if still_seconds is not None and not windows.still:
+        raise RequestError("DURATION: sets how long a picture's sound lasts (or the length for FEATURES); "
+                           "a video's sound lasts as long as the video")
     if windows.count > max_windows:
         raise RequestError(f"VIDEO: {windows.duration:.0f} s gives {windows.count} windows; this server takes "
                            f"at most {max_windows} per request (parameter max_windows)")
@@ -117,11 +124,8 @@ def _given_features(ckpt, features: np.ndarray, duration: np.ndarray | None, max
 
 def generate_batch(generator: VideoToAudio, jobs: list[Job]) -> list[np.ndarray]:
     """Waveforms for jobs sharing one SamplingConfig: all their windows are denoised and decoded together."""
-    features = torch.cat([job.features for job in jobs])
-    noise = torch.cat([generator.noise(len(job.features), job.seed) for job in jobs])
-    waves = generator.waves(generator.denoise(features, noise, jobs[0].sampling))
-    counts = [len(job.features) for job in jobs]
-    return [generator.join(part, job.duration) for part, job in zip(waves.split(counts), jobs)]
+    return generator.batch([job.features for job in jobs], [job.duration for job in jobs],
+                           [job.seed for job in jobs], jobs[0].sampling)
 
 
 class TritonPythonModel:

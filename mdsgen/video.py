@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -70,6 +71,7 @@ class VideoWindows:
     real_frames: int     # frames of the grid inside the video (the rest repeat the last one)
     count: int           # windows
     cfg: VideoConfig
+    still: bool = False  # a picture, shown for `duration`
 
     def slices(self) -> list[slice]:
         step, size = self.cfg.hop_frames, self.cfg.frames_per_window
@@ -174,7 +176,7 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
     count = window_count(end_time, clip_seconds, cfg.hop_seconds)
     needed = (count - 1) * cfg.hop_frames + cfg.frames_per_window
     grid.extend([grid[-1]] * (needed - real))
-    return VideoWindows(np.stack(grid), duration=end_time, real_frames=real, count=count, cfg=cfg)
+    return VideoWindows(np.stack(grid), duration=end_time, real_frames=real, count=count, cfg=cfg, still=still)
 
 
 def _frame_duration(stream) -> float:
@@ -242,6 +244,68 @@ def _still_with_audio(image_path, picture: av.VideoFrame, wave: np.ndarray, samp
         tmp.replace(out_path)
     except av.error.FFmpegError as err:
         raise MediaError(image_path, f"cannot write the still as a video ({describe(err)})") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+TRIM_MAX_SIDE = 720  # a trimmed copy's shorter side: enough for the frame encoder (224) and a preview
+
+
+def trim_video(path, start: float, duration: float | None, out_path, limits: ReadLimits = ReadLimits()) -> Path:
+    """The part of `path` shown from `start` for `duration` seconds (to its end for None), as a silent H.264 MP4
+    at the source's frame rate, decoded and encoded in one pass (memory stays one frame): the frame shown at
+    each output time is the last one that started by then."""
+    if start < 0 or (duration is not None and duration <= 0):
+        raise MediaError(path, f"cannot trim from {start} s for {duration} s: the start must be 0 or later and "
+                               "the duration positive")
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.stem}.partial.mp4")
+    end = math.inf if duration is None else start + duration
+    try:
+        with _open_video(path) as container, av.open(str(tmp), "w") as sink:
+            if is_still_image(container):
+                raise MediaError(path, "a picture has no time to trim: give its sound a duration instead")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            width, height = stream.codec_context.width or 1, stream.codec_context.height or 1
+            check_frame_size(path, width, height, limits)
+            rate = round(min(60.0, float(stream.average_rate or stream.guessed_rate or 25)))
+            scale = min(1.0, TRIM_MAX_SIDE / min(width, height))
+            video = sink.add_stream("libx264", rate=rate, options={"crf": "20", "preset": "veryfast"})
+            video.width, video.height = (max(2, round(side * scale) // 2 * 2) for side in (width, height))
+            video.pix_fmt = "yuv420p"
+            written, first, current, last_time = 0, None, None, 0.0
+
+            def show_until(t: float) -> None:  # output frames k with k / rate before `t` show `current`
+                nonlocal written
+                while current is not None and start + written / rate < min(t, end) - TIME_TOLERANCE:
+                    picture = current.reformat(width=video.width, height=video.height, format="yuv420p")
+                    picture.pts, picture.time_base = written, Fraction(1, rate)  # not the source's clock
+                    sink.mux(video.encode(picture))
+                    written += 1
+
+            try:
+                for frame in container.decode(stream):
+                    if frame.time is None:
+                        continue
+                    first = frame.time if first is None else first
+                    t = frame.time - first
+                    if t > limits.max_seconds + TIME_TOLERANCE:
+                        raise MediaError(path, f"video runs to {t:.0f} s, past the limit of {limits.max_seconds:.0f} s")
+                    if t >= end:
+                        break
+                    check_frame_size(path, frame.width, frame.height, limits)
+                    show_until(t)
+                    current, last_time = frame, t + _frame_duration(stream)
+            except av.error.FFmpegError as err:
+                if current is None:
+                    raise MediaError(path, f"video cannot be decoded ({describe(err)})") from err
+            if current is None or last_time <= start:
+                raise MediaError(path, f"the trim starts at {start:g} s, after the video ends ({last_time:.2f} s)")
+            show_until(last_time)
+            sink.mux(video.encode(None))
+        tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return out_path

@@ -1,9 +1,10 @@
 import math
+import re
 
 import numpy as np
 import pytest
 
-from media import frame_level, make_audio_only, make_video, two_frames
+from media import frame_level, make_audio_only, make_video, streams, two_frames
 from mdsgen.errors import MediaError
 from mdsgen.video import VideoConfig, read_video_windows, window_count
 
@@ -122,3 +123,23 @@ def test_a_picture_is_a_still_scene_whatever_its_name(tmp_path):
         assert c.streams.video[0].codec_context.name == "h264" and c.streams.audio
         assert (c.streams.video[0].width, c.streams.video[0].height) == (120, 90)
         assert c.duration / av.time_base == pytest.approx(3.0, abs=0.1)
+
+
+def test_trim_keeps_the_frames_shown_in_the_range(tmp_path):
+    """Frame k of a trim from 1.0 s is the source frame shown at 1.0 + k / fps (frames told apart by grey level)."""
+    from mdsgen.video import trim_video
+
+    source = make_video(tmp_path / "source.mkv", seconds=6.0, fps=10, codec="ffv1")
+    trimmed = trim_video(source, 1.0, 2.5, tmp_path / "trimmed.mp4")
+    assert [(kind, codec) for kind, codec, _ in streams(trimmed)] == [("video", "h264")]  # silent
+    assert abs(streams(trimmed)[0][2] - 2.5) < 1e-6
+    grid = read_video_windows(trimmed).grid  # 4 fps: output times 0, 0.25, ... -> source frames 10, 12.5 ...
+    for k in range(10):
+        assert abs(int(grid[k, 112, 150, 0]) - frame_level(10 + math.floor(k * 2.5))) <= 3, k
+    whole = trim_video(source, 4.5, None, tmp_path / "tail.mp4")  # no duration: to the end
+    assert abs(streams(whole)[0][2] - 1.5) < 1e-6
+    for start, duration, reason in ((-1, 2, "the start must be 0 or later"), (0, 0, "the duration positive"),
+                                    (7, 1, "the trim starts at 7 s, after the video ends (6.00 s)")):
+        with pytest.raises(MediaError, match=re.escape(reason)):
+            trim_video(source, start, duration, tmp_path / "bad.mp4")
+    assert not (tmp_path / "bad.mp4").exists() and not list(tmp_path.glob(".*partial*"))
