@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 AISFX  := aisfx==0.1.2
-APT_PACKAGES := tuxpaint-stamps-default
+# tuxpaint-stamps-default: the embedded dataset; chromium and its driver: the web page's browser test
+APT_PACKAGES := tuxpaint-stamps-default chromium chromium-driver
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DVC_NO_ANALYTICS := 1
 # DVC stages call `mdsgen`: the venv's bin comes first on PATH
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -U pip
 	# torch first: the CPU wheel on disk; a GPU user who installed their own torch keeps it
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,pipeline,kubeflow,serving,monitoring]"
+	$(PY) -m pip install -q -e ".[test,pipeline,kubeflow,serving,monitoring,app]"
 	# aisfx ships the evaluation's pretrained sound network; its pins (librosa 0.9, numpy 1.23) are stale
 	$(PY) -m pip install -q --no-deps "$(AISFX)"
 	touch $(STAMP)
@@ -53,6 +54,9 @@ demo-serve: setup
 	@cat $(DEMO)/evaluation.md
 	@echo "Results:    $(DEMO)/ (heldout/ and bigbuckbunny/: WAV + muxed MP4; mels-generated-vs-real.png; evaluation.md)"
 	@echo "Evaluation: reports/eval/ (metrics.json, metrics.png, mels.png, WAVs of every system)"
+	@model=$$(python -c 'import json; d = json.load(open("reports/promotion.json")); \
+	print("models:/%s@%s" % (d["name"], "champion" if d["champion"] else "challenger"))'); \
+	echo "Try it:     mdsgen app --model $$model   (then open http://127.0.0.1:7860)"
 	@store="$$(python -c 'from mdsgen.config import load_params as l; from mdsgen.tracking import tracking_uri as t; print(t(l().mlflow["tracking_uri"]))')"; \
 	case "$$store" in http*) echo "MLflow UI:  $$store";; \
 	*) echo "MLflow UI:  mlflow ui --backend-store-uri $$store  (then open http://127.0.0.1:5000)";; esac

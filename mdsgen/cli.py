@@ -355,6 +355,32 @@ def cmd_client(args) -> int:
     return report_results(results, f" via {url}")
 
 
+def cmd_app(args) -> int:
+    from .app import InProcess, ThroughServer, run_app
+
+    p = use_mlflow(args.params)
+    cfg = replace(p.app, **{k: v for k, v in (("host", args.host), ("port", args.port),
+                                               ("concurrency", args.concurrency)) if v is not None})
+    url = args.url
+    if url is None and not (args.checkpoint or args.model):
+        from .serving import load_state
+
+        server = load_state(Path(p.serving["state_dir"]))  # a running `mdsgen serve`, else in-process
+        url = server.grpc if server is not None else None
+    if url is not None:
+        backend = ThroughServer(url)
+    else:
+        from .generate import VideoToAudio
+        from .serving import resolve_served_model
+
+        uri = args.checkpoint or args.model or p.serving["model"]
+        checkpoint, version = resolve_served_model(uri)
+        label = f"{uri} (version {version})" if uri.startswith("models:/") else uri
+        backend = InProcess(VideoToAudio(checkpoint, device=args.device), f"{label}, in this process")
+    run_app(backend, cfg)
+    return 0
+
+
 def cmd_reference(args) -> int:
     from .config import load_params
     from .monitoring import build_reference
@@ -441,6 +467,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default="runs/serving")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (the server batches them)")
     p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("app", help="a web page to try it: upload a video or picture, watch it with its new sound")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--url", help="a Triton server's gRPC host:port (default: the one `mdsgen serve` started, "
+                                      "else the champion in this process)")
+    source.add_argument("--checkpoint", help="checkpoint folder or s3:// prefix, run in this process")
+    source.add_argument("--model", help="a registered model run in this process, e.g. models:/mdsgen@champion")
+    p.add_argument("--host", help="bind address (default: app.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="default: app.port, 7860")
+    p.add_argument("--concurrency", type=int, help="jobs generated at once; the rest queue (default: app.concurrency)")
+    p.add_argument("--device", default="cpu", help="in-process device: cpu, cuda ...")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("reference", help="the monitoring reference: summaries of training clips and their outputs")
     p.add_argument("checkpoint", nargs="?", default="models/mdsgen")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from .app import AppConfig
 from .audio import AudioConfig
 from .dataset import DatasetConfig
 from .diffusion import SamplingConfig
@@ -48,6 +49,7 @@ class Params:
     serving: dict = field(default_factory=lambda: copy.deepcopy(SERVING_DEFAULTS))
     monitoring: dict = field(default_factory=lambda: dict(MONITORING_DEFAULTS))
     ablations: dict = field(default_factory=lambda: copy.deepcopy(ABLATIONS_DEFAULTS))
+    app: AppConfig = field(default_factory=AppConfig)
     profile: str = "default"
 
 
@@ -90,6 +92,7 @@ def parse_params(raw: dict) -> Params:
         serving=_section(SERVING_DEFAULTS, raw.get("serving"), "serving"),
         monitoring=_section(MONITORING_DEFAULTS, raw.get("monitoring"), "monitoring"),
         ablations=_section(ABLATIONS_DEFAULTS, raw.get("ablations"), "ablations"),
+        app=_typed(AppConfig, raw.get("app"), "app"),
     )
 
 

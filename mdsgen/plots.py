@@ -39,6 +39,22 @@ def mel_grid(rows: list[tuple[str, list[tuple[object, str]]]], path) -> Path:
     return _save(plt, fig, path)
 
 
+def soundtrack_mel(wave, sample_rate: int, path, title: str) -> Path:
+    """A whole soundtrack's mel spectrogram (the paper's 128-bin scale) against seconds and hertz."""
+    from .audio import AudioConfig, wave_to_mel
+
+    cfg = AudioConfig(sample_rate=sample_rate)
+    mel = wave_to_mel(wave, cfg).numpy()
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    ax.imshow(mel, origin="lower", aspect="auto", vmin=0, vmax=1,
+              extent=(0, len(wave) / sample_rate, 0, cfg.n_mels))
+    ax.set_yticks([0, cfg.n_mels], [f"{cfg.fmin:.0f} Hz", f"{cfg.fmax:.0f} Hz"], fontsize=8)
+    ax.set_xlabel("seconds", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(plt, fig, path)
+
+
 def metric_bars(table: dict[str, dict[str, float]], metrics: list[str], path) -> Path:
     """A bar chart per metric, one bar per system: table = {system: {metric: value}}."""
     plt = _pyplot()

@@ -201,6 +201,31 @@ def test_client_folder_mode(server, tmp_path):
     assert (tmp_path / "out2" / "a.wav").is_file() and not (tmp_path / "out2" / "a.mp4").exists()
 
 
+def test_the_app_finds_the_server_and_sends_it_the_variations(server, tmp_path, badger, client):
+    """`mdsgen app` without a model uses the server `mdsgen serve` recorded; variations are concurrent requests
+    (batched by the server); a picture's duration travels as DURATION, which a video refuses."""
+    from media import make_video
+    from test_app import download, start_app, stop_group, upload, wait_job
+    from tritonclient.utils import InferenceServerException
+
+    app = start_app([], tmp_path, serving={"state_dir": str(server[1])}, app={"concurrency": 2})
+    try:
+        code, job = upload(app, make_video(tmp_path / "clip.mp4", seconds=3.0), steps=STEPS, variations=2, seed=4)
+        job = wait_job(app, job["id"])
+        assert job["state"] == "done" and job["model"].endswith(f"{server[0].grpc}, model version 1"), job
+        assert [r["seed"] for r in job["results"]] == [4, 5]
+        picture = tmp_path / "badger.png"
+        picture.write_bytes(badger[0].read_bytes())
+        code, job = upload(app, picture, steps=STEPS, duration=2.5)
+        job = wait_job(app, job["id"])
+        wave, rate = sf.read(download(app, job, job["results"][0]["wav"], tmp_path))
+        assert abs(len(wave) / rate - 2.5) < 1e-3
+    finally:
+        stop_group(app.process)
+    with pytest.raises(InferenceServerException, match="DURATION: sets how long a picture's sound lasts"):
+        client.soundtrack(tmp_path / "clip.mp4", duration=2.0, steps=STEPS)
+
+
 def test_reload_keeps_in_flight_requests(server, client, bigbuckbunny, tmp_path):
     from mdsgen.checkpoint import init_checkpoint, save_checkpoint
     from mdsgen.client import SoundtrackClient
