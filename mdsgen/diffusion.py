@@ -66,14 +66,17 @@ def target(x0, noise, t, cumprod, prediction: str):
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-def loss_weights(t, cumprod, prediction: str, min_snr_gamma: float) -> torch.Tensor | None:
+def loss_weights(t, cumprod, prediction: str, min_snr_gamma: float, floor: float = 0.0) -> torch.Tensor | None:
     """Min-SNR-gamma: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v, / 1 for x0 (the same weight
-    on the x0 error in all three); None when off (weight 1)."""
+    on the x0 error in all three); None when off (weight 1). A `floor` raises the x0 error's weight to
+    clamp(SNR, floor, gamma): with floor 1 the noisy steps keep plain x0 MSE's weight (where events are
+    placed) while the clean steps (texture) weigh up to gamma times more."""
     if not min_snr_gamma:
         return None
     a = cumprod.to(t.device)[t]
     snr = a / (1 - a)
-    return snr.clamp_max(min_snr_gamma) / {"epsilon": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
+    weight = snr.clamp(min=floor, max=min_snr_gamma) if floor else snr.clamp_max(min_snr_gamma)
+    return weight / {"epsilon": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
 
 
 def _mse(prediction, wanted, weights):
@@ -96,10 +99,10 @@ def draw_training_noise(model: MDSGen, x0_shape, generator: torch.Generator | No
 
 
 def training_loss(model: MDSGen, x0: torch.Tensor, features: torch.Tensor, *, cfg_dropout: float = 0.1,
-                  masked_weight: float = 1.0, min_snr_gamma: float = 0.0,
+                  masked_weight: float = 1.0, min_snr_gamma: float = 0.0, min_snr_floor: float = 0.0,
                   generator: torch.Generator | None = None, draws: dict | None = None) -> dict:
     """MSE on the model's target (epsilon, v or x0): L_full + lambda * L_masked with the same t and fresh noise
-    per pass, each sample weighted by min-SNR-gamma when `min_snr_gamma` > 0.
+    per pass, each sample weighted by min-SNR-gamma (with `min_snr_floor`) when `min_snr_gamma` > 0.
 
     The masked pass is skipped when the model's strategy is "none" (plain DiT). With probability
     `cfg_dropout` a sample's features are zeroed, which teaches the unconditional branch of CFG.
@@ -113,7 +116,7 @@ def training_loss(model: MDSGen, x0: torch.Tensor, features: torch.Tensor, *, cf
     keep = (draws["dropout_coin"] >= cfg_dropout).to(features.dtype).view(-1, 1, 1)
     features = features * keep
     kind = core.config.prediction
-    weights = loss_weights(t, cumprod, kind, min_snr_gamma)
+    weights = loss_weights(t, cumprod, kind, min_snr_gamma, min_snr_floor)
     noise = draws["noise"]
     loss_full = _mse(model(add_noise(x0, noise, t, cumprod), t, features), target(x0, noise, t, cumprod, kind),
                      weights)

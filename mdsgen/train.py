@@ -45,6 +45,7 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     masked_weight: float = 1.0     # lambda in L_full + lambda * L_masked
     min_snr_gamma: float = 0.0     # min-SNR-gamma loss weighting (5 is the usual value); 0: off (the paper)
+    min_snr_floor: float = 0.0     # with min_snr_gamma: x0 error weighted clamp(SNR, floor, gamma); 0: min(SNR, gamma)
     time_roll: bool = False        # roll each clip's latents and frames together by a random whole frame count
     grad_clip: float = 1.0
     seed: int = 0
@@ -128,7 +129,8 @@ class Trainer:
             x0, feats = roll_in_time(x0, feats, shifts[mine], -1 if self.model.config.time_axis == "width" else -2)
         with self.autocast:
             losses = training_loss(self.net, x0, feats, cfg_dropout=cfg.cfg_dropout,
-                                   masked_weight=cfg.masked_weight, min_snr_gamma=cfg.min_snr_gamma, draws={k: v[mine] for k, v in draws.items()})
+                                   masked_weight=cfg.masked_weight, min_snr_gamma=cfg.min_snr_gamma,
+                                   min_snr_floor=cfg.min_snr_floor, draws={k: v[mine] for k, v in draws.items()})
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if cfg.grad_clip:

@@ -73,3 +73,18 @@ def test_each_training_target_is_what_the_sampler_reads(prediction):
         noisy = add_noise(x0, noise, t, cumprod)
         out = scheduler.step(target(x0, noise, t, cumprod, prediction), step, noisy)
         assert torch.allclose(out.pred_original_sample, x0, atol=1e-3), (prediction, int(step))
+
+
+def test_min_snr_floor_keeps_noisy_steps_at_plain_x0_weight():
+    from mdsgen.diffusion import alphas_cumprod, loss_weights
+
+    cumprod = alphas_cumprod()
+    t = torch.arange(0, 1000, 10)
+    snr = cumprod[t] / (1 - cumprod[t])
+    floored = loss_weights(t, cumprod, "x0", 5.0, floor=1.0)
+    assert torch.allclose(floored, snr.clamp(1.0, 5.0))
+    assert floored[snr < 1].eq(1.0).all() and floored[snr > 5].eq(5.0).all() and (snr < 1).any() and (snr > 5).any()
+    assert torch.allclose(loss_weights(t, cumprod, "x0", 5.0), snr.clamp_max(5.0))  # no floor: min-SNR as before
+    # the same x0-error weight whatever the network predicts
+    assert torch.allclose(loss_weights(t, cumprod, "epsilon", 5.0, 1.0) * snr, floored)
+    assert torch.allclose(loss_weights(t, cumprod, "v", 5.0, 1.0) * (snr + 1), floored)
