@@ -79,9 +79,12 @@ def train_align(params: str, dataset: Input[Dataset], features: Input[Dataset], 
 
 
 def train(params: str, latents: Input[Dataset], vae: Input[Model], num_gpus: int, mlflow_tracking_uri: str,
-          model: Output[Model], metrics: Output[Metrics]) -> str:
+          train_state: str, model: Output[Model], metrics: Output[Metrics]) -> str:
     """The denoiser; with num_gpus > 1 (and that many visible) torchrun runs one DDP process per GPU in this
-    pod. Returns the MLflow run id, so evaluation and registration log into the same run."""
+    pod. Returns the MLflow run id, so evaluation and registration log into the same run.
+
+    `train_state`: a folder on a mounted volume (the pipeline's PVC) for the resumable training state, so a
+    pod that is restarted resumes where the last one saved; empty: a temporary folder (a restart starts over)."""
     import json
     import os
     import tempfile
@@ -92,11 +95,16 @@ def train(params: str, latents: Input[Dataset], vae: Input[Model], num_gpus: int
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if train_state.startswith("s3://"):
+        raise ValueError(f"train_state {train_state}: give a folder on a mounted volume (the pipeline's PVC); "
+                         "the state is written every checkpoint_every steps and must survive the pod")
     work = tempfile.mkdtemp()
+    if not train_state:
+        print("train_state is empty: the training state lives in this pod only; a restarted pod starts over")
     processes = num_gpus if num_gpus > 1 and torch.cuda.device_count() >= num_gpus else 1
     run_stage(["train", latents.path, "--vae", vae.path, "--out", model.path, "--state",
-               os.path.join(work, "state"), "--metrics", os.path.join(work, "train-metrics.json")], params,
-              processes=processes)
+               train_state or os.path.join(work, "state"), "--metrics", os.path.join(work, "train-metrics.json")],
+              params, processes=processes)
     values = json.load(open(os.path.join(work, "train-metrics.json")))
     for key, value in values.items():
         if isinstance(value, (int, float)):

@@ -16,7 +16,8 @@ from pipelines.training import DEFAULT_IMAGE, ClusterOptions, build_pipeline, on
 
 def pipeline_arguments(args) -> dict:
     values = {"profile": args.profile, "model_size": args.model_size, "train_steps": args.steps,
-              "num_gpus": args.gpus, "mlflow_tracking_uri": args.mlflow_tracking_uri or "", "data_uri": args.data_uri}
+              "num_gpus": args.gpus, "mlflow_tracking_uri": args.mlflow_tracking_uri or "", "data_uri": args.data_uri,
+              "train_state": args.train_state}
     if args.params:
         values["params_yaml"] = one_line_yaml(Path(args.params).read_text())
     return values
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
         p.add_argument("--mlflow-tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
         p.add_argument("--data-uri", default="", help="a prepared dataset (s3:// prefix or PVC path); "
                                                       "empty: render the embedded one")
+        p.add_argument("--train-state", default="", help="a folder on the mounted PVC for the resumable training "
+                                                         "state (e.g. /data/train-state); empty: a restarted pod starts over")
         p.add_argument("--params", help="a params.yaml to send (default: the one compiled in)")
         p.add_argument("--image", default=DEFAULT_IMAGE, help="the project image the tasks run on")
         p.add_argument("--node-selector", action="append", help="KEY=VALUE for the GPU training task")

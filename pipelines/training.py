@@ -52,7 +52,7 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
     @dsl.pipeline(name="mdsgen-training", description="MDSGen: data, features, VAE, GPU training, "
                   "evaluation and registration with the promotion gate")
     def training_pipeline(profile: str = "demo", model_size: str = "T", train_steps: int = 0, num_gpus: int = 1,
-                          mlflow_tracking_uri: str = "", data_uri: str = "",
+                          mlflow_tracking_uri: str = "", data_uri: str = "", train_state: str = "",
                           params_yaml: str = default_params) -> str:
         params = c["resolve_params"](params_yaml=params_yaml, profile=profile, model_size=model_size,
                                      train_steps=train_steps).set_display_name("resolve params")
@@ -69,7 +69,7 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
 
         train = with_secrets(c["train"](params=params.output, latents=latents.outputs["latents"],
                                         vae=vae.outputs["vae"], num_gpus=num_gpus,
-                                        mlflow_tracking_uri=mlflow_tracking_uri))
+                                        mlflow_tracking_uri=mlflow_tracking_uri, train_state=train_state))
         train.set_caching_options(False).set_display_name("train (GPU)")
         train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(num_gpus)
         train.set_cpu_limit(options.train_cpu).set_memory_limit(options.train_memory)

@@ -78,7 +78,7 @@ def test_training_task_asks_for_gpus_secrets_and_a_gpu_node(compiled):
 def test_parameters_flow_as_declared(compiled):
     spec, _ = compiled
     declared = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"profile", "model_size", "train_steps", "num_gpus", "mlflow_tracking_uri", "data_uri",
+    assert {"profile", "model_size", "train_steps", "num_gpus", "mlflow_tracking_uri", "data_uri", "train_state",
             "params_yaml"} == set(declared)
     assert declared["profile"]["defaultValue"] == "demo" and declared["num_gpus"]["defaultValue"] == 1
     compiled_params = yaml.safe_load(declared["params_yaml"]["defaultValue"])
@@ -90,6 +90,7 @@ def test_parameters_flow_as_declared(compiled):
     train = tasks["train"]["inputs"]["parameters"]
     assert train["params"]["taskOutputParameter"]["producerTask"] == "resolve-params"
     assert train["num_gpus"]["componentInputParameter"] == "num_gpus"
+    assert train["train_state"]["componentInputParameter"] == "train_state"
     assert tasks["evaluate"]["inputs"]["parameters"]["mlflow_run_id"]["taskOutputParameter"]["producerTask"] == "train"
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from mdsgen.train import roll_in_time
 from mdsgen.vae import MelVAE
-from procs import BIN, run
+from procs import BIN, ROOT, run
 
 SMALL_MODEL = {"size": "T", "hidden_size": 64, "depth": 4, "num_heads": 2, "decoder_depth": 2}
 
@@ -201,3 +201,43 @@ def test_bad_training_settings_are_named(workdir, tmp_path):
     proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "bad", params)[:1], str(tmp_path / "nowhere"),
                 *train_cmd(workdir, "bad", params)[2:]], workdir, check=False)
     assert proc.returncode == 2 and "no latents for the train split" in proc.stderr
+
+
+def test_the_kubeflow_train_task_resumes_from_its_volume_after_a_kill(workdir, mlflow_server):
+    """The pipeline's train task keeps its state in `train_state` (a folder on the PVC): a pod killed mid-run
+    and started again resumes from the last saved step instead of starting over."""
+    params = write_params(workdir, "kfp", steps=30, checkpoint_every=4)
+    state, model = workdir / "kfp" / "state", workdir / "kfp" / "model"
+    task = f"""
+import sys, types
+sys.path.insert(0, {str(ROOT)!r})
+import components
+
+class Metrics:
+    def log_metric(self, key, value):
+        print("metric", key, value, flush=True)
+
+folder = lambda path: types.SimpleNamespace(path=path)
+components.train(params=open({str(params)!r}).read(), latents=folder({str(workdir / "latents")!r}),
+                 vae=folder({str(workdir / "vae")!r}), num_gpus=1, mlflow_tracking_uri={mlflow_server!r},
+                 train_state={str(state)!r}, model=folder({str(model)!r}), metrics=Metrics())
+"""
+    env = env_for(mlflow_server)
+    pod = subprocess.Popen([sys.executable, "-c", task], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    latest = state / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and pod.poll() is None:
+        if latest.is_file() and latest.read_text() >= "step-00000008":
+            break
+        time.sleep(0.02)
+    assert pod.poll() is None, "training ended before it could be killed: make the run longer"
+    pod.send_signal(signal.SIGKILL)
+    pod.wait()
+    killed_at = int(latest.read_text().split("-")[1])
+    assert 8 <= killed_at < 30 and not model.exists()
+
+    restarted = run([sys.executable, "-c", task], workdir, env)
+    assert f"resuming from step {killed_at}" in restarted.stdout
+    assert f"metric resumed_from_step {killed_at}" in restarted.stdout and "metric steps 30" in restarted.stdout
+    assert (model / "model.safetensors").is_file()
