@@ -2,19 +2,25 @@
 
 S3 goes through boto3 with the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_DEFAULT_REGION) plus AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL for S3-compatible stores.
-Writes are atomic on both sides: a reader never sees half a file.
+Writes are atomic on both sides: a reader never sees half a file. A folder written to S3 ends with a
+manifest (`.mdsgen-manifest.json`, written last) listing each file's ETag; readers fetch exactly those
+versions, so a reader never sees an old folder's files mixed with a new one's.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 S3_PREFIX = "s3://"
+MANIFEST = ".mdsgen-manifest.json"  # an S3 folder's complete file list, written last
+READ_ATTEMPTS = 5
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -99,10 +105,12 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
         key = "/".join([prefix, file.relative_to(local_dir).as_posix()]).lstrip("/")
         client.upload_file(str(file), bucket, key)
         written.add(key)
-    try:  # then the older version's leftovers, so a reader never sees its files beside the new ones
-        stale = [o["Key"] for o in _list_prefix(uri) if o["Key"] not in written]
-    except FileNotFoundError:
-        stale = []
+    listed = {o["Key"]: o for o in _list_prefix(uri)}
+    manifest_key = "/".join([prefix, MANIFEST]).lstrip("/")
+    files = {key[len(prefix) + 1 if prefix else 0:]: listed[key]["ETag"] for key in sorted(written)}
+    client.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps({"files": files}, indent=1).encode())
+    # then the older version's leftovers: readers go by the manifest, so none of them reads these any more
+    stale = [key for key in listed if key not in written and key != manifest_key]
     for start in range(0, len(stale), 1000):
         client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in stale[start:start + 1000]]})
 
@@ -164,32 +172,67 @@ def local_file(uri: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def local_dir(uri: str | os.PathLike) -> Path:
     """A local folder holding `uri`: the folder itself, or a cached download of the S3 prefix.
 
-    The cache key covers every object's ETag, so a changed object is fetched again. Downloads go to
-    a temporary folder renamed when complete: an interrupted download never looks finished.
+    An S3 folder with a manifest is read as the manifest lists it, each object fetched only if it still
+    has the listed ETag: while a writer replaces the folder the read is retried, and a folder whose files
+    were changed behind its manifest is refused. A prefix without one (request records, a user's files)
+    is read as listed. The cache key covers every ETag, so a changed object is fetched again; downloads
+    go to a temporary folder renamed when complete, so an interrupted download never looks finished.
     """
     if not is_s3(uri):
         path = Path(uri)
         if not path.is_dir():
             raise FileNotFoundError(f"{uri}: no such folder")
         return path
+    from botocore.exceptions import ClientError
+
     uri = str(uri)
-    objects = _list_prefix(uri)
-    fingerprint = "\n".join([uri] + [f"{o['Key']} {o.get('ETag', '')}" for o in objects])
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/") + "/"
+    for attempt in range(READ_ATTEMPTS):
+        files = _folder_files(uri, bucket, prefix)
+        try:
+            return _download(uri, bucket, prefix, files)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+                raise
+            changed = err
+        if attempt < READ_ATTEMPTS - 1:
+            time.sleep(0.2 * 2 ** attempt)
+    raise RuntimeError(f"{uri}: its files kept changing behind its manifest ({MANIFEST}) over {READ_ATTEMPTS} reads; "
+                       f"a folder must be written whole (mdsgen writes it so), not file by file") from changed
+
+
+def _folder_files(uri: str, bucket: str, prefix: str) -> dict[str, str]:
+    """{key: ETag} of an S3 folder: its manifest's files, else every object under the prefix."""
+    from botocore.exceptions import ClientError
+
+    try:
+        body = s3_client().get_object(Bucket=bucket, Key=prefix + MANIFEST)["Body"].read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+        return {o["Key"]: o.get("ETag", "") for o in _list_prefix(uri) if o["Key"] != prefix + MANIFEST}
+    return {prefix + name: etag for name, etag in json.loads(body)["files"].items()}
+
+
+def _download(uri: str, bucket: str, prefix: str, files: dict[str, str]) -> Path:
+    fingerprint = "\n".join([uri] + [f"{key} {etag}" for key, etag in sorted(files.items())])
     dest = cache_dir() / "s3" / hashlib.sha256(fingerprint.encode()).hexdigest()[:20]
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".download-"))
-    bucket, prefix = split_s3(uri)
-    prefix = prefix.rstrip("/") + "/"
     client = s3_client()
     try:
-        for obj in objects:
-            target = (tmp / obj["Key"][len(prefix):]).resolve()
+        for key, etag in files.items():
+            target = (tmp / key[len(prefix):]).resolve()
             if tmp.resolve() not in target.parents:  # 'prefix//etc/x' or '../x' must not land outside
-                raise ValueError(f"s3://{bucket}/{obj['Key']}: the key leaves its prefix {uri}; refusing to download it")
+                raise ValueError(f"s3://{bucket}/{key}: the key leaves its prefix {uri}; refusing to download it")
             target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(target))
+            body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))["Body"]
+            with open(target, "wb") as out:
+                for chunk in body.iter_chunks(1 << 20):
+                    out.write(chunk)
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

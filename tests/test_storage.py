@@ -27,10 +27,48 @@ def test_folder_cache_refreshes_when_objects_change(s3_server, tmp_path):
     (tmp_path / "d" / "f.txt").write_text("one")
     storage.upload_dir(tmp_path / "d", f"{s3_server}/folder")
     assert (storage.local_dir(f"{s3_server}/folder") / "f.txt").read_text() == "one"
-    storage.write_bytes(f"{s3_server}/folder/f.txt", b"two")
+    (tmp_path / "d" / "f.txt").write_text("two")
+    storage.upload_dir(tmp_path / "d", f"{s3_server}/folder")
+    assert sorted(p.name for p in storage.local_dir(f"{s3_server}/folder").iterdir()) == ["f.txt"]  # no manifest
     assert (storage.local_dir(f"{s3_server}/folder") / "f.txt").read_text() == "two"
+    storage.write_bytes(f"{s3_server}/records/a.jsonl", b"1")  # a prefix written object by object: read as listed
+    storage.write_bytes(f"{s3_server}/records/b.jsonl", b"2")
+    assert sorted(p.name for p in storage.local_dir(f"{s3_server}/records").iterdir()) == ["a.jsonl", "b.jsonl"]
     with pytest.raises(FileNotFoundError, match="no objects"):
         storage.local_dir(f"{s3_server}/nothing-here")
+
+
+def test_a_reader_never_mixes_two_versions_of_a_folder(s3_server, tmp_path, monkeypatch):
+    """The manifest is written last and lists each file's ETag: a reader that meets a file already replaced by
+    the next version retries and gets one whole version; files changed behind the manifest are refused."""
+    monkeypatch.setattr(storage, "READ_ATTEMPTS", 3)
+    monkeypatch.setenv("MDSGEN_CACHE", str(tmp_path / "cache"))
+    folder = f"{s3_server}/versioned"
+    for version in ("old", "new"):
+        (tmp_path / version).mkdir()
+        for name in ("a.txt", "b.txt"):
+            (tmp_path / version / name).write_text(f"{version} {name}")
+    storage.upload_dir(tmp_path / "old", folder)
+    # a writer of "new" has replaced a.txt but not yet b.txt nor the manifest, while a reader reads
+    storage.write_bytes(f"{folder}/a.txt", b"new a.txt")
+    reads = []
+    real = storage._folder_files
+
+    def writer_finishes_during_the_read(*args):
+        reads.append(1)
+        if len(reads) == 2:
+            storage.upload_dir(tmp_path / "new", folder)
+        return real(*args)
+
+    monkeypatch.setattr(storage, "_folder_files", writer_finishes_during_the_read)
+    got = storage.local_dir(folder)
+    assert len(reads) == 2 and [(got / n).read_text() for n in ("a.txt", "b.txt")] == ["new a.txt", "new b.txt"]
+    storage.write_bytes(f"{folder}/b.txt", b"edited behind the manifest")
+    assert (storage.local_dir(folder) / "b.txt").read_text() == "new b.txt"  # the cached whole version
+    monkeypatch.setenv("MDSGEN_CACHE", str(tmp_path / "fresh-cache"))
+    with pytest.raises(RuntimeError, match="kept changing behind its manifest"):
+        storage.local_dir(folder)
+    assert len(reads) == 3 + 3
 
 
 @pytest.mark.parametrize("key", ["//etc/passwd-copy", "../outside.txt", "a/../../outside.txt"])
@@ -66,7 +104,7 @@ def test_folder_outputs_replace_their_older_version_and_refuse_other_folders(s3_
     storage.write_bytes(f"{s3_server}/ckpt/vae/stale", b"s")
     storage.upload_dir(new, f"{s3_server}/ckpt")
     keys = sorted(o["Key"] for o in storage._list_prefix(f"{s3_server}/ckpt"))
-    assert keys == ["ckpt/config.json", "ckpt/vae/w"]
+    assert keys == [f"ckpt/{storage.MANIFEST}", "ckpt/config.json", "ckpt/vae/w"]
 
 
 def test_checkpoint_on_s3(s3_server):
