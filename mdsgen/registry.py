@@ -133,7 +133,8 @@ def promote(name: str, gate: dict, force: bool = False) -> dict:
         promoted, reason = gate_decision(_gate_values(challenger, gate),
                                          _gate_values(champion, gate) if champion else None, gate)
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+        _move_alias_if_unchanged(client, name, CHAMPION, challenger.version,
+                                 {CHAMPION: champion.version if champion else None, CHALLENGER: challenger.version})
     decision = {"name": name, "challenger": challenger.version,
                 "previous_champion": champion.version if champion else None,
                 "champion": challenger.version if promoted else (champion.version if champion else None),
@@ -143,6 +144,18 @@ def promote(name: str, gate: dict, force: bool = False) -> dict:
                                  "promoted" if promoted else "kept as challenger")
     client.set_model_version_tag(name, challenger.version, "promotion.reason", reason)
     return decision
+
+
+def _move_alias_if_unchanged(client, name: str, alias: str, version: str, read: dict) -> None:
+    """Point `alias` at `version` only if the aliases the decision was made on still point where they did.
+    MLflow has no atomic compare-and-set for aliases: this re-reads them just before the move, so a
+    promotion that raced another one fails loudly instead of overwriting its result (the window left is
+    the two requests between the re-read and the move)."""
+    now = {a: (v.version if (v := _version(client, name, a)) else None) for a in read}
+    if now != read:
+        raise ValueError(f"registered model {name!r}: aliases moved while the gate decided (read {read}, now "
+                           f"{now}); nothing was changed: run `mdsgen promote` again")
+    client.set_registered_model_alias(name, alias, version)
 
 
 def resolve_checkpoint(uri: str) -> str:

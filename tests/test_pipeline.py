@@ -133,6 +133,35 @@ def test_the_gate_refuses_a_better_looking_challenger_that_fails_diagnostics_or_
     assert client(mlflow_server).get_model_version_by_alias("mdsgen", "champion").version == champion
 
 
+def test_a_promotion_never_overwrites_a_champion_that_moved_while_it_decided(mlflow_server, monkeypatch):
+    from mdsgen import registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    registry_client = client(mlflow_server)
+    name = "mdsgen-race"
+    registry_client.create_registered_model(name)
+    versions = [registry_client.create_model_version(name, f"s3://bucket/{name}/{i}", tags={
+        "eval.diagnostics_pass": "1", "eval.frechet_distance": str(fd), "eval.onset_f1": "0.3"}).version
+        for i, fd in enumerate((100, 90, 80))]
+    registry_client.set_registered_model_alias(name, "champion", versions[0])
+    registry_client.set_registered_model_alias(name, "challenger", versions[1])
+    gate = {"frechet_distance": "lower", "onset_f1": "higher"}
+    decide = registry.gate_decision
+
+    def another_promotion_lands_meanwhile(*args):
+        registry_client.set_registered_model_alias(name, "champion", versions[2])
+        return decide(*args)
+
+    monkeypatch.setattr(registry, "gate_decision", another_promotion_lands_meanwhile)
+    with pytest.raises(ValueError, match="aliases moved while the gate decided"):
+        registry.promote(name, gate)
+    assert registry_client.get_model_version_by_alias(name, "champion").version == versions[2]
+    monkeypatch.setattr(registry, "gate_decision", decide)
+    registry_client.set_registered_model_alias(name, "champion", versions[0])
+    assert registry.promote(name, gate)["promoted"]  # undisturbed, the same challenger goes through
+    assert registry_client.get_model_version_by_alias(name, "champion").version == versions[1]
+
+
 def test_dvc_exp_run_sweeps_a_parameter(ci_repo, pipeline_env):
     repo, _ = ci_repo
     run(["dvc", "exp", "run", "-S", "train.steps=6", "--name", "longer"], repo, pipeline_env)
