@@ -66,6 +66,20 @@ def loss_history(mlflow_server, run_id):
     return {m.step: m.value for m in history}  # a resumed run re-logs steps after its last state: last wins
 
 
+def kill_once_saved(process: subprocess.Popen, state, step: int) -> int:
+    """SIGKILL a training process as soon as its state holds step `step` or later; the step it had saved."""
+    latest = state / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if latest.is_file() and latest.read_text() >= f"step-{step:08d}":
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "training ended before it could be killed: make the run longer"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return int(latest.read_text().split("-")[1])
+
+
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(workdir, mlflow_server):
     env = env_for(mlflow_server)
     params = write_params(workdir, "resume", steps=30, checkpoint_every=4)
@@ -73,16 +87,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(workdir, mlflow
 
     victim = subprocess.Popen([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "killed", params)], cwd=workdir,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = workdir / "killed" / "state" / "latest"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and victim.poll() is None:
-        if latest.is_file() and latest.read_text() >= "step-00000008":
-            break
-        time.sleep(0.02)
-    assert victim.poll() is None, "training ended before it could be killed: make the run longer"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed_at = int(latest.read_text().split("-")[1])
+    killed_at = kill_once_saved(victim, workdir / "killed" / "state", 8)
     assert 8 <= killed_at < 30 and not (workdir / "killed" / "model").exists()
 
     proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "killed", params)], workdir, env)
@@ -225,16 +230,7 @@ components.train(params=open({str(params)!r}).read(), latents=folder({str(workdi
     env = env_for(mlflow_server)
     pod = subprocess.Popen([sys.executable, "-c", task], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    latest = state / "latest"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and pod.poll() is None:
-        if latest.is_file() and latest.read_text() >= "step-00000008":
-            break
-        time.sleep(0.02)
-    assert pod.poll() is None, "training ended before it could be killed: make the run longer"
-    pod.send_signal(signal.SIGKILL)
-    pod.wait()
-    killed_at = int(latest.read_text().split("-")[1])
+    killed_at = kill_once_saved(pod, state, 8)
     assert 8 <= killed_at < 30 and not model.exists()
 
     restarted = run([sys.executable, "-c", task], workdir, env)
