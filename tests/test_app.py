@@ -203,7 +203,7 @@ def chromium(download_dir: Path):
 
 def test_the_page_in_chromium_on_the_ci_champion(ci_repo, pipeline_env, tmp_path, badger):
     """Upload a clip and a picture on the page, wait for the results, play them; a bad upload shows its error
-    and the next upload still works. Screenshots: before.png, error.png and after.png in tmp_path."""
+    and the next upload still works. Screenshots: before.png, clip.png, error.png and after.png in tmp_path."""
     from mlflow import MlflowClient
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -251,6 +251,7 @@ def test_the_page_in_chromium_on_the_ci_champion(ci_repo, pipeline_env, tmp_path
         generate(clip, variations=2)
         assert browser.find_element(By.ID, "error").text == ""
         results = playable_results()
+        browser.save_screenshot(str(tmp_path / "clip.png"))
         assert len(results) == 2
         for result in results:
             assert result["error"] is None and result["mel_loaded"]
@@ -265,7 +266,7 @@ def test_the_page_in_chromium_on_the_ci_champion(ci_repo, pipeline_env, tmp_path
         assert error.startswith("broken.mp4: ") and not browser.find_elements(By.CSS_SELECTOR, ".result"), error
         browser.save_screenshot(str(tmp_path / "error.png"))
 
-        generate(picture, duration=3)
+        generate(picture, duration=3, variations=1)
         assert browser.find_element(By.ID, "error").text == ""
         [result] = playable_results()
         assert result["error"] is None and abs(result["duration"] - 3.0) < 1.01  # the still is shown at 1 fps
