@@ -12,7 +12,7 @@ from procs import BIN, ROOT, free_port, run, stop_group, wait_http  # noqa: E402
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 
 # The fast tier (`make test-fast`) leaves out what starts the ci pipeline, MLflow or Triton, or trains to a bar
-SLOW_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server", "server", "generated", "traffic"}
+SLOW_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server", "server", "generated", "traffic", "app"}
 
 
 def pytest_collection_modifyitems(config, items):

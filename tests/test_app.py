@@ -168,6 +168,7 @@ def test_bad_uploads_are_named_and_the_app_keeps_working(app, tmp_path, badger):
     assert abs(len(wave) / rate - 2.5) < 1e-3
 
 
+@pytest.mark.slow  # starts the app
 def test_two_users_queue_one_at_a_time_and_nothing_is_left_behind(tmp_path, untrained_checkpoint):
     app = start_app(["--checkpoint", str(untrained_checkpoint)], tmp_path)
     try:
