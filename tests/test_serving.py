@@ -164,10 +164,14 @@ def test_concurrent_requests_are_batched_and_unchanged(server, client, untrained
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(request, [i % 2 for i in range(24)]))
-    for seed, wave in results:  # batching with other requests changes only float rounding, which
-        # Griffin-Lim's 32 momentum iterations amplify to well under 1% of the signal (measured ~0.1%)
+    # batching with other requests changes only float rounding, which Griffin-Lim's 32 momentum iterations
+    # amplify: measured ~1e-3 typically, 2.5e-2 once (which requests share a batch is up to the scheduler);
+    # two seeds differ by the whole signal, so 5e-2 still tells a request served with the wrong noise
+    seeds_apart = np.linalg.norm(alone[0] - alone[1]) / np.linalg.norm(alone[1])
+    assert seeds_apart > 0.5, seeds_apart
+    for seed, wave in results:
         error = np.linalg.norm(wave - alone[seed]) / np.linalg.norm(alone[seed])
-        assert error < 1e-2, f"seed {seed}: relative error {error:.2e} against the request served alone"
+        assert error < 5e-2, f"seed {seed}: relative error {error:.2e} against the request served alone"
     after = server[0].batch_sizes()
     grown = {size: after[size] - before.get(size, 0) for size in after}
     assert sum(size * n for size, n in grown.items()) == 24

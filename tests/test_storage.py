@@ -31,9 +31,10 @@ def test_folder_cache_refreshes_when_objects_change(s3_server, tmp_path):
     storage.upload_dir(tmp_path / "d", f"{s3_server}/folder")
     assert sorted(p.name for p in storage.local_dir(f"{s3_server}/folder").iterdir()) == ["f.txt"]  # no manifest
     assert (storage.local_dir(f"{s3_server}/folder") / "f.txt").read_text() == "two"
-    storage.write_bytes(f"{s3_server}/records/a.jsonl", b"1")  # a prefix written object by object: read as listed
-    storage.write_bytes(f"{s3_server}/records/b.jsonl", b"2")
-    assert sorted(p.name for p in storage.local_dir(f"{s3_server}/records").iterdir()) == ["a.jsonl", "b.jsonl"]
+    # a prefix written object by object (request records): read as listed (a prefix of its own: the bucket is shared)
+    storage.write_bytes(f"{s3_server}/loose-objects/a.jsonl", b"1")
+    storage.write_bytes(f"{s3_server}/loose-objects/b.jsonl", b"2")
+    assert sorted(p.name for p in storage.local_dir(f"{s3_server}/loose-objects").iterdir()) == ["a.jsonl", "b.jsonl"]
     with pytest.raises(FileNotFoundError, match="no objects"):
         storage.local_dir(f"{s3_server}/nothing-here")
 
