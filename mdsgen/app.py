@@ -21,11 +21,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, NoReturn, Protocol
 
 import numpy as np
 
 PAGE = Path(__file__).with_name("app.html")
+DRAIN_BYTES = 64 * 2 ** 20  # of a refused upload, read and dropped so the client hears why
 Report = Callable[[str, float], None]  # (what is happening, fraction done)
 
 
@@ -302,16 +303,26 @@ def build_app(backend: Backend, cfg: AppConfig = AppConfig()):
         return {"model": backend.model(), "concurrency": cfg.concurrency, "max_upload_mb": cfg.max_upload_mb,
                 "max_variations": cfg.max_variations, "max_steps": cfg.max_steps}
 
+    async def refuse(http: HttpRequest, status: int, detail: str) -> NoReturn:
+        """Answer only after reading what the client still sends (up to DRAIN_BYTES): a server that answers
+        and closes mid-upload makes the client see a reset connection instead of the reason."""
+        drained = 0
+        async for chunk in http.stream():
+            drained += len(chunk)
+            if drained > DRAIN_BYTES:
+                break
+        raise HTTPException(status, detail)
+
     @app.post("/api/jobs")
     async def upload(http: HttpRequest):
         try:
             request = parse_request(dict(http.query_params), cfg)
         except ValueError as err:
-            raise HTTPException(422, str(err)) from None
+            await refuse(http, 422, str(err))
         declared = int(http.headers.get("content-length") or 0)
         if declared > limit:
-            raise HTTPException(413, f"{request.name}: {declared / 2 ** 20:.1f} MB is over the upload limit of "
-                                     f"{cfg.max_upload_mb:g} MB")
+            await refuse(http, 413, f"{request.name}: {declared / 2 ** 20:.1f} MB is over the upload limit of "
+                                    f"{cfg.max_upload_mb:g} MB")
         job_id, folder = jobs.new_folder()
         suffix = Path(request.name).suffix.lower()
         path = folder / f"upload{suffix if suffix[1:].isalnum() and len(suffix) <= 6 else ''}"
@@ -321,7 +332,7 @@ def build_app(backend: Backend, cfg: AppConfig = AppConfig()):
                 async for chunk in http.stream():
                     size += len(chunk)
                     if size > limit:
-                        raise HTTPException(413, f"{request.name}: over the upload limit of {cfg.max_upload_mb:g} MB")
+                        await refuse(http, 413, f"{request.name}: over the upload limit of {cfg.max_upload_mb:g} MB")
                     await run_in_threadpool(out.write, chunk)
             if size == 0:
                 raise HTTPException(422, f"{request.name}: the upload is empty")
