@@ -49,7 +49,7 @@ def test_variations_are_one_batch_with_the_seeds_of_generate(untrained_checkpoin
     alone = [generator.soundtrack(bigbuckbunny, sampling, seed).wave for seed in (5, 6)]
     for batched, single in zip(waves, alone):
         # a batch of two windows rounds differently from one; Griffin-Lim's iterations amplify it: measured
-        # 3.0e-3 of the peak after test_ablations ran in the same process, under 1e-4 alone
+        # 3.0e-3 and 5.9e-3 of the peak after test_ablations ran in the same process, under 1e-4 alone
         assert batched.shape == single.shape
         assert np.abs(batched - single).max() <= 2e-2 * np.abs(single).max()
     assert np.abs(waves[0] - waves[1]).max() > 0.1 * np.abs(waves[0]).max()  # the seeds differ
