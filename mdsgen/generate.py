@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .diffusion import SamplingConfig, sample
 from .encoders import build_frame_encoder
 from .errors import MediaError
-from .video import ReadLimits, VideoWindows, frames_to_tensor, mux_audio, read_video_windows
+from .video import SILENT_TAIL_SECONDS, ReadLimits, VideoWindows, frames_to_tensor, mux_audio, read_video_windows
 
 FRAME_CHUNK = 64  # frames converted and encoded at a time
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp",
@@ -101,7 +101,8 @@ class VideoToAudio:
         return [self.join(part, duration) for part, duration in zip(waves.split([len(f) for f in features]), durations)]
 
     def join(self, waves: torch.Tensor, duration: float) -> np.ndarray:
-        """Overlap-add consecutive windows with an equal-power crossfade, cut to the video's length."""
+        """Overlap-add consecutive windows with an equal-power crossfade, cut to the video's length; a video
+        up to `SILENT_TAIL_SECONDS` longer than its windows ends with a 10 ms fade-out and silence."""
         a, v = self.ckpt.audio, self.ckpt.video
         hop = round(v.hop_seconds * a.sample_rate)
         overlap = a.clip_samples - hop
@@ -114,7 +115,12 @@ class VideoToAudio:
             if i < len(waves) - 1:
                 wave[-overlap:] *= ramp[::-1]
             out[i * hop:i * hop + a.clip_samples] += wave
-        return out[:round(duration * a.sample_rate)]
+        length = round(duration * a.sample_rate)
+        if len(out) < length:
+            fade = min(len(out), round(0.01 * a.sample_rate))
+            out[len(out) - fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
+            out = np.pad(out, (0, length - len(out)))
+        return out[:length]
 
     def soundtrack(self, path, sampling: SamplingConfig | None = None, seed: int = 0) -> Soundtrack:
         sampling = sampling or self.ckpt.sampling

@@ -148,3 +148,24 @@ def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
     sampling = SamplingConfig(steps=3)
     a, b = one.latents(features, sampling, seed=5), many.latents(features, sampling, seed=5)
     assert a.shape == (3, 4, 16, 64) and np.allclose(a, b, atol=1e-3)
+
+
+def test_a_video_a_moment_longer_than_one_window_costs_one_window(tmp_path, untrained_checkpoint):
+    from mdsgen.diffusion import SamplingConfig
+    from mdsgen.generate import VideoToAudio
+    from mdsgen.video import SILENT_TAIL_SECONDS
+
+    v2a = VideoToAudio(str(untrained_checkpoint))
+    window = v2a.ckpt.audio.clip_seconds
+    rate = v2a.ckpt.audio.sample_rate
+    just_over = make_video(tmp_path / "over.mp4", seconds=window + SILENT_TAIL_SECONDS / 2, fps=50, audio=False)
+    well_over = make_video(tmp_path / "well.mp4", seconds=window + 0.25, fps=50, audio=False)
+    windows = v2a.read(just_over)
+    assert windows.count == 1 and windows.duration > window
+    assert v2a.read(well_over).count == 2
+    waves = v2a.waves(v2a.latents(v2a.features(windows), SamplingConfig(steps=2), seed=0))
+    wave = v2a.join(waves, windows.duration)
+    covered = v2a.ckpt.audio.clip_samples
+    assert len(wave) == round(windows.duration * rate) > covered
+    assert not wave[covered:].any()                                 # the tail is silence
+    assert np.abs(wave[covered - 10:covered]).max() < np.abs(wave[:covered]).max() * 0.5  # faded into it
