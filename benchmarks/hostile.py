@@ -105,7 +105,7 @@ def through_server(path: Path, client: SoundtrackClient, good: Path) -> dict:
         client.soundtrack(path.read_bytes(), steps=STEPS)
         message = "ok"
     except Exception as err:  # the server's reason, reported
-        message = getattr(err, "message", lambda: str(err))()
+        message = err.message() if hasattr(err, "message") else str(err)
     seconds = time.perf_counter() - start
     client.soundtrack(good, steps=STEPS)  # raises if the server stopped serving
     return {"seconds": seconds, "message": message}

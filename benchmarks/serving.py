@@ -29,7 +29,8 @@ from mdsgen import serving  # noqa: E402
 from mdsgen.checkpoint import init_checkpoint, save_checkpoint  # noqa: E402
 from mdsgen.client import SoundtrackClient  # noqa: E402
 from mdsgen.config import parse_params, resolve_params  # noqa: E402
-from mdsgen.generate import VideoToAudio, list_inputs  # noqa: E402
+from mdsgen.files import list_inputs  # noqa: E402
+from mdsgen.generate import VideoToAudio  # noqa: E402
 from mdsgen.samples import bigbuckbunny  # noqa: E402
 
 

@@ -222,7 +222,7 @@ class Jobs:
 
     def _run(self, job: Job, upload: Path) -> None:
         from .errors import MediaError
-        from .generate import write_wav
+        from .files import write_wav
         from .plots import soundtrack_mel
         from .video import mux_audio, trim_video
 

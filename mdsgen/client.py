@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import Result, Soundtrack, list_inputs, write_soundtracks
+from .files import Result, Soundtrack, list_inputs, write_soundtracks
 from .serving import MODEL_NAME
 
 MAX_MESSAGE = 2 ** 31 - 1  # videos are sent whole

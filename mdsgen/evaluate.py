@@ -240,7 +240,7 @@ def markdown_table(result: dict) -> str:
 def write_report(result: dict, out_dir, mel_clips: int = 4) -> dict:
     """metrics.json, table.md, metrics.png (bars per metric), mels.png (a few clips, every system) and
     WAVs of those clips; returns the summary (everything but the waves)."""
-    from .generate import write_wav
+    from .files import write_wav
     from .plots import mel_grid, metric_bars
 
     out = Path(out_dir)

@@ -73,7 +73,7 @@ def generated_vs_real(generated_dir, originals_dir, path, limit: int = 8) -> Pat
     the real soundtrack's mel beside the generated one's (scaled as the model sees them)."""
     from .audio import AudioConfig, load_audio, wave_to_mel
     from .errors import MediaError
-    from .generate import VIDEO_SUFFIXES
+    from .files import VIDEO_SUFFIXES
 
     cfg = AudioConfig()
     originals = {p.stem: p for p in Path(originals_dir).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES}

@@ -24,9 +24,10 @@ from pathlib import Path
 from . import storage
 from .errors import ServingError
 from .registry import MONITORING_DIR
-from .triton_model import CHECKPOINT_DIR, MONITOR_LOG_ENV
 
 MODEL_NAME = "mdsgen"
+CHECKPOINT_DIR = "checkpoint"  # inside the version folder
+MONITOR_LOG_ENV = "MDSGEN_MONITOR_LOG"  # where the model appends request records (a folder or s3:// prefix)
 TEMPLATE = Path(__file__).resolve().parents[1] / "serving"
 KEEP_VERSIONS = 2  # the served one and the one before (still draining its requests during a reload)
 

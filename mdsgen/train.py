@@ -310,7 +310,7 @@ def log_samples(model: MDSGen, vae, val: dict, params, step: int, clips: int, de
 
     from .audio import vocode
     from .diffusion import sample
-    from .generate import write_wav
+    from .files import write_wav
     from .plots import mel_grid
 
     feats = val["features"][:clips].to(device)

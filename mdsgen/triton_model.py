@@ -23,10 +23,8 @@ import torch
 from .diffusion import SamplingConfig
 from .errors import MediaError, describe
 from .generate import VideoToAudio
+from .serving import CHECKPOINT_DIR, MONITOR_LOG_ENV
 from .video import ReadLimits
-
-CHECKPOINT_DIR = "checkpoint"  # inside the version folder
-MONITOR_LOG_ENV = "MDSGEN_MONITOR_LOG"  # where to append request records (a folder or s3:// prefix)
 
 
 @dataclass

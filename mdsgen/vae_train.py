@@ -120,7 +120,7 @@ def evaluate_vae(vae: MelVAE, train: torch.Tensor, val: dict, cfg: VAETrainConfi
 
 def write_report(vae: MelVAE, val: dict, report_dir: Path, audio_cfg: AudioConfig, clips: int = 3) -> None:
     """Original vs VAE mels as a PNG, and both through the vocoder as WAVs, for a few val clips."""
-    from .generate import write_wav
+    from .files import write_wav
     from .plots import mel_grid
 
     report_dir.mkdir(parents=True, exist_ok=True)

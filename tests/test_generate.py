@@ -80,7 +80,7 @@ def test_bad_inputs_fail_alone(tmp_path, bigbuckbunny, untrained_checkpoint):
 def test_inputs_with_the_same_name_get_their_own_outputs(tmp_path):
     """a/clip.mp4, b/clip.mp4 and c/clip.mkv in one batch (concurrently, as a server runs them): three WAVs,
     three videos, each with its own input's sound."""
-    from mdsgen.generate import Soundtrack, write_soundtracks
+    from mdsgen.files import Soundtrack, write_soundtracks
 
     inputs = []
     for i, (folder, suffix) in enumerate((("a", "mp4"), ("b", "mp4"), ("c", "mkv"))):
@@ -119,7 +119,7 @@ def test_csv_input(tmp_path, untrained_checkpoint):
 
 
 def test_dataset_metadata_as_input(tmp_path):
-    from mdsgen.generate import list_inputs
+    from mdsgen.files import list_inputs
 
     (tmp_path / "metadata.csv").write_text("clip_id,start_seconds,label,split\na,0,dog,train\nb,0,cow,test\n")
     assert list_inputs(tmp_path / "metadata.csv") == [tmp_path / "clips/a.mp4", tmp_path / "clips/b.mp4"]
