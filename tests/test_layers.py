@@ -1,6 +1,56 @@
-"""The import graph: the gRPC client and its command must not need the model's stack (torch, diffusers)."""
+"""The import graph: every module imports only its own layer and those below it, and the gRPC client and
+its command do not need the model's stack (torch, diffusers)."""
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mdsgen"
+# bottom to top (README "Layout"); a module may import its own layer and those below it
+LAYERS = [
+    ("base", {"errors", "storage", "samples"}),
+    ("media", {"audio", "vocoder", "video", "files", "plots"}),
+    ("model", {"model", "diffusion", "vae", "encoders", "checkpoint"}),
+    ("data", {"dataset", "features"}),
+    ("inference", {"generate"}),
+    ("evaluation", {"metrics", "align", "evaluate", "tracking", "registry"}),
+    ("training", {"train", "vae_train", "ablations"}),
+    ("serving", {"serving", "client", "triton_model", "monitoring", "mlflow_model", "app"}),
+    ("interface", {"config", "cli", "__main__", "__init__"}),
+]
+LEVEL = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
+
+
+def package_imports(path: Path) -> set[str]:
+    """The mdsgen modules `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module == "mdsgen"):
+            found |= {a.name for a in node.names} if node.module in (None, "mdsgen") else {node.module.split(".")[0]}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mdsgen."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("mdsgen.")}
+    return found
+
+
+def test_every_module_has_a_layer():
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules - set(LEVEL) == set(), "add new modules to LAYERS"
+    assert set(LEVEL) - modules == set(), "LAYERS names modules that do not exist"
+
+
+def test_modules_import_only_their_layer_and_below():
+    upward = [f"{p.stem} ({LAYERS[LEVEL[p.stem]][0]}) imports {name} ({LAYERS[LEVEL[name]][0]})"
+              for p in sorted(PACKAGE.glob("*.py")) for name in sorted(package_imports(p))
+              if LEVEL[name] > LEVEL[p.stem]]
+    assert upward == []
+
+
+def test_the_import_rule_sees_an_upward_import(tmp_path):  # the test above could not fail if it did not
+    module = tmp_path / "metrics.py"
+    module.write_text("def f():\n    from .train import fit\n")
+    assert LEVEL["train"] > LEVEL["metrics"] and package_imports(module) == {"train"}
 
 BLOCK_HEAVY = """
 import sys
