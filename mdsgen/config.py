@@ -12,6 +12,7 @@ from .app import AppConfig
 from .audio import AudioConfig
 from .dataset import DatasetConfig
 from .diffusion import SamplingConfig
+from .model import MDSGenConfig
 from .train import TrainConfig
 from .vae_train import VAETrainConfig
 from .video import VideoConfig
@@ -69,6 +70,18 @@ def _section(defaults: dict, values: dict | None, section: str) -> dict:
     return {**copy.deepcopy(defaults), **(values or {})}
 
 
+def _free_section(defaults: dict, values: dict | None, section: str, known: set[str]) -> dict:
+    """A section whose keys go on to another function's keyword arguments: refused unless in `known`."""
+    unknown = set(values or {}) - known
+    if unknown:
+        raise ValueError(f"params.yaml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return dict(defaults, **(values or {}))
+
+
+MODEL_KEYS = {"size"} | {f.name for f in fields(MDSGenConfig)}
+FRAME_ENCODER_KEYS = {"name", "weights"}
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(yaml.safe_load(Path(path).read_text()) or {})
 
@@ -81,11 +94,12 @@ def parse_params(raw: dict) -> Params:
         train=_typed(TrainConfig, raw.get("train"), "train"),
         dataset=_typed(DatasetConfig, raw.get("dataset"), "dataset"),
         vae_train=_typed(VAETrainConfig, raw.get("vae_train"), "vae_train"),
-        features=dict(Params().features, **(raw.get("features") or {})),
+        features=_section(Params().features, raw.get("features"), "features"),
         profile=raw.get("profile", "default"),
-        model=dict(Params().model, **(raw.get("model") or {})),
-        vae=dict(Params().vae, **(raw.get("vae") or {})),
-        frame_encoder=dict(raw.get("frame_encoder") or Params().frame_encoder),
+        model=_free_section(Params().model, raw.get("model"), "model", MODEL_KEYS),
+        vae=_section(Params().vae, raw.get("vae"), "vae"),
+        frame_encoder=_free_section({}, raw.get("frame_encoder") or Params().frame_encoder, "frame_encoder",
+                                    FRAME_ENCODER_KEYS),
         mlflow=_section(MLFLOW_DEFAULTS, raw.get("mlflow"), "mlflow"),
         evaluate=_section(EVALUATE_DEFAULTS, raw.get("evaluate"), "evaluate"),
         align=_section(ALIGN_DEFAULTS, raw.get("align"), "align"),

@@ -1,0 +1,27 @@
+"""params.yaml: the project's file and each profile parse; a misspelt key is refused with its name."""
+import copy
+
+import pytest
+import yaml
+
+from procs import ROOT
+from mdsgen.config import apply_profile, load_params, parse_params
+
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("profile", sorted(RAW["profiles"]))
+def test_the_projects_params_and_every_profile_parse(profile):
+    assert load_params(ROOT / "params.yaml").profile == RAW["profile"]
+    p = parse_params(apply_profile(copy.deepcopy(RAW), profile))
+    assert p.profile == profile
+
+
+@pytest.mark.parametrize("section", ["audio", "video", "sampling", "train", "dataset", "vae_train", "model", "vae",
+                                     "frame_encoder", "features", "mlflow", "evaluate", "align", "serving",
+                                     "monitoring", "ablations", "app"])
+def test_a_misspelt_key_is_refused_with_its_name(section):
+    raw = copy.deepcopy(RAW)
+    raw[section] = dict(raw.get(section) or {}, stpes=3)
+    with pytest.raises(ValueError, match=rf"\[{section}\]: unknown keys \['stpes'\]"):
+        parse_params(raw)
