@@ -47,14 +47,12 @@ def train_vae(params: str, dataset: Input[Dataset], features: Input[Dataset], va
     import os
     import tempfile
 
-    from mdsgen.cli import run_stage
+    from mdsgen.cli import log_numbers, run_stage
 
     out = os.path.join(tempfile.mkdtemp(), "vae-metrics.json")
     run_stage(["train-vae", dataset.path, features.path, "--out", vae.path, "--report",
                os.path.join(tempfile.mkdtemp(), "report"), "--metrics", out], params)
-    for key, value in json.load(open(out)).items():
-        if isinstance(value, (int, float)):
-            metrics.log_metric(key, value)
+    log_numbers(json.load(open(out)), metrics)
 
 
 def encode(dataset: Input[Dataset], features: Input[Dataset], vae: Input[Model], latents: Output[Dataset]):
@@ -69,13 +67,11 @@ def train_align(params: str, dataset: Input[Dataset], features: Input[Dataset], 
     import os
     import tempfile
 
-    from mdsgen.cli import run_stage
+    from mdsgen.cli import log_numbers, run_stage
 
     out = os.path.join(tempfile.mkdtemp(), "align-metrics.json")
     run_stage(["train-align", dataset.path, features.path, "--out", align.path, "--metrics", out], params)
-    for key, value in json.load(open(out)).items():
-        if isinstance(value, (int, float)):
-            metrics.log_metric(key, value)
+    log_numbers(json.load(open(out)), metrics)
 
 
 def train(params: str, latents: Input[Dataset], vae: Input[Model], num_gpus: int, mlflow_tracking_uri: str,
@@ -91,7 +87,7 @@ def train(params: str, latents: Input[Dataset], vae: Input[Model], num_gpus: int
 
     import torch
 
-    from mdsgen.cli import run_stage
+    from mdsgen.cli import log_numbers, run_stage
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
@@ -105,11 +101,7 @@ def train(params: str, latents: Input[Dataset], vae: Input[Model], num_gpus: int
     run_stage(["train", latents.path, "--vae", vae.path, "--out", model.path, "--state",
                train_state or os.path.join(work, "state"), "--metrics", os.path.join(work, "train-metrics.json")],
               params, processes=processes)
-    values = json.load(open(os.path.join(work, "train-metrics.json")))
-    for key, value in values.items():
-        if isinstance(value, (int, float)):
-            metrics.log_metric(key, value)
-    return values["mlflow_run_id"]
+    return log_numbers(json.load(open(os.path.join(work, "train-metrics.json"))), metrics)["mlflow_run_id"]
 
 
 def evaluate(params: str, model: Input[Model], align: Input[Model], dataset: Input[Dataset],
@@ -119,21 +111,15 @@ def evaluate(params: str, model: Input[Model], align: Input[Model], dataset: Inp
     import json
     import os
 
-    from mdsgen.cli import run_stage
+    from mdsgen.cli import log_numbers, run_stage
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    os.makedirs(evaluation.path, exist_ok=True)
-    run_file = os.path.join(evaluation.path, "train-run.json")
-    with open(run_file, "w") as f:
-        json.dump({"mlflow_run_id": mlflow_run_id}, f)
     summary = os.path.join(evaluation.path, "metrics.json")
     run_stage(["evaluate", "--checkpoint", model.path, "--align", align.path, "--dataset", dataset.path,
                "--latents", latents.path, "--out", evaluation.path, "--metrics", summary,
-               "--train-metrics", run_file], params)
-    for key, value in json.load(open(summary))["systems"]["model"].items():
-        if isinstance(value, (int, float)):
-            metrics.log_metric(key, value)
+               "--run-id", mlflow_run_id], params)
+    log_numbers(json.load(open(summary))["systems"]["model"], metrics)
     with open(table.path, "w") as f:
         f.write(open(os.path.join(evaluation.path, "table.md")).read())
 
@@ -157,10 +143,8 @@ def register(params: str, model: Input[Model], evaluation: Input[Dataset], refer
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
     work = tempfile.mkdtemp()
-    with open(os.path.join(work, "train-run.json"), "w") as f:
-        json.dump({"mlflow_run_id": mlflow_run_id}, f)
     run_stage(["register", model.path, "--evaluation", os.path.join(evaluation.path, "metrics.json"),
-               "--train-metrics", os.path.join(work, "train-run.json"), "--reference", reference.path, "--out",
+               "--run-id", mlflow_run_id, "--reference", reference.path, "--out",
                os.path.join(work, "registry.json")], params)
     run_stage(["promote", "--out", os.path.join(work, "promotion.json")], params)
     result = json.load(open(os.path.join(work, "promotion.json")))

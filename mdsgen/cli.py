@@ -36,11 +36,22 @@ def use_mlflow(params_path: str):
     return p
 
 
-def training_run_id(train_metrics: str | None) -> str | None:
-    """The MLflow run that `mdsgen train` recorded in its metrics file, to log evaluation and model into."""
-    if not train_metrics or not Path(train_metrics).is_file():
+def training_run_id(args) -> str | None:
+    """The MLflow run to log evaluation and model into: `--run-id`, else the one `mdsgen train` recorded in
+    its metrics file (`--train-metrics`)."""
+    if args.run_id:
+        return args.run_id
+    if not args.train_metrics or not Path(args.train_metrics).is_file():
         return None
-    return json.loads(Path(train_metrics).read_text())["mlflow_run_id"]
+    return json.loads(Path(args.train_metrics).read_text())["mlflow_run_id"]
+
+
+def log_numbers(values: dict, metrics) -> dict:
+    """The numbers of a stage's metrics JSON into a Kubeflow Metrics artifact (anything with `log_metric`)."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)):
+            metrics.log_metric(key, value)
+    return values
 
 
 def report_results(results, where: str = "") -> int:
@@ -248,8 +259,7 @@ def cmd_evaluate(args) -> int:
                       storage.local_input(args.align), p.evaluate, p.sampling, args.device)
     summary = write_report(result, args.out)
     write_json(args.metrics, summary)
-    run_id = training_run_id(args.train_metrics)
-    logged = log_to_mlflow(summary, args.out, run_id)
+    logged = log_to_mlflow(summary, args.out, training_run_id(args))
     print(markdown_table(result))
     print(f"report in {args.out}; logged to MLflow run {logged}")
     return 0
@@ -274,9 +284,8 @@ def cmd_register(args) -> int:
     from .registry import register
 
     p = use_mlflow(args.params)
-    run_id = training_run_id(args.train_metrics)
     evaluation = json.loads(Path(args.evaluation).read_text())
-    info = register(args.checkpoint, evaluation, p.mlflow["registered_model"], run_id,
+    info = register(args.checkpoint, evaluation, p.mlflow["registered_model"], training_run_id(args),
                     tags={"profile": p.profile}, reference=args.reference)
     if args.out:
         write_json(args.out, info)
@@ -590,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/eval", help="report folder: table, plots, WAVs")
     p.add_argument("--metrics", default="reports/eval-metrics.json")
     p.add_argument("--train-metrics", default="reports/train-metrics.json", help="holds the MLflow run to log into")
+    p.add_argument("--run-id", help="the MLflow run to log into (instead of the one in --train-metrics)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_evaluate)
@@ -613,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("register", help="register a checkpoint in the MLflow registry as the challenger")
     p.add_argument("checkpoint", nargs="?", default="models/mdsgen")
     p.add_argument("--evaluation", default="reports/eval-metrics.json")
-    p.add_argument("--train-metrics", default="reports/train-metrics.json")
+    p.add_argument("--train-metrics", default="reports/train-metrics.json", help="holds the training's MLflow run")
+    p.add_argument("--run-id", help="the training's MLflow run (instead of the one in --train-metrics)")
     p.add_argument("--reference", help="monitoring reference folder (mdsgen reference) to ship with the model")
     p.add_argument("--out", default="reports/registry.json")
     p.add_argument("--params", default="params.yaml")

@@ -167,6 +167,11 @@ def test_run_local_matches_dvc_repro(ci_repo, mlflow_server, pipeline_env, tmp_p
     assert float(new[0].tags["eval.frechet_distance"]) == pytest.approx(
         kfp_eval["systems"]["model"]["frechet_distance"], rel=1e-5)
     assert "Challenger version" in (run_dir / "register/decision").read_text()
+    # training, evaluation and the registered model share one MLflow run (the run id passed as --run-id)
+    run = client.get_run(new[0].run_id)
+    assert "train_seconds" in run.data.metrics
+    assert run.data.metrics["test_frechet_distance"] == pytest.approx(
+        kfp_eval["systems"]["model"]["frechet_distance"], rel=1e-5)
 
     # same data, same seed: the same numbers as the DVC pipeline. The two runs agree to ~1e-5 in the audio,
     # not bit for bit, so counted metrics may differ by one detector decision (a few hundred onsets, a few
