@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -115,9 +116,33 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
         client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in stale[start:start + 1000]]})
 
 
+STALE_COPY_SECONDS = 3600  # a `.<name>.new-*` copy untouched this long was left by a writer that died
+
+
+def recover_interrupted_swap(dest: Path) -> None:
+    """Undo what a writer killed inside `_replace_local_dir` left: the old version parked at `.<name>.old-*`
+    while `dest` is missing goes back to `dest`, empty placeholders go; half-written copies (`.<name>.new-*`) older than
+    `STALE_COPY_SECONDS` are removed (a younger one may belong to a writer still running)."""
+    parked = []
+    for place in dest.parent.glob(f".{dest.name}.old-*"):
+        if any(place.iterdir()):
+            parked.append(place)
+        else:  # the placeholder of a writer killed before its first rename
+            place.rmdir()
+    if parked and not dest.exists():
+        os.replace(max(parked, key=lambda p: p.stat().st_mtime), dest)
+        print(f"{dest}: restored the version a killed writer had moved aside", file=sys.stderr)
+    now = time.time()
+    for copy in dest.parent.glob(f".{dest.name}.new-*"):
+        if now - copy.stat().st_mtime > STALE_COPY_SECONDS:
+            shutil.rmtree(copy, ignore_errors=True)
+
+
 def _replace_local_dir(source: Path, dest: Path) -> None:
     """Copy `source` beside `dest` under a unique name, then swap it in by two renames: a reader sees the
-    old folder or the new one, and a crash between them leaves the old one beside, never nothing."""
+    old folder or the new one. A writer killed between the renames leaves the old one parked beside; the
+    next writer or reader of `dest` (`recover_interrupted_swap`) puts it back."""
+    recover_interrupted_swap(dest)
     if dest.is_dir():
         foreign = {p.name for p in dest.iterdir()} - {p.name for p in source.iterdir()}
         if foreign:
@@ -180,6 +205,7 @@ def local_dir(uri: str | os.PathLike) -> Path:
     """
     if not is_s3(uri):
         path = Path(uri)
+        recover_interrupted_swap(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{uri}: no such folder")
         return path
@@ -258,6 +284,7 @@ def staged_output(uri: str | os.PathLike) -> Iterator[Path]:
 def local_input(uri: str | os.PathLike) -> Path:
     """A local path for an input file or folder: itself, or a cached download of the S3 object/prefix."""
     if not is_s3(uri):
+        recover_interrupted_swap(Path(uri))
         return Path(uri)
     bucket, key = split_s3(str(uri))
     listing = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=2)

@@ -166,3 +166,60 @@ def test_dataset_features_and_generation_through_s3(s3_server, tmp_path, untrain
            "--checkpoint", untrained_checkpoint, "--steps", "2")
     assert storage.exists(f"{s3_server}/s3data/gen/dog_00001.wav")
     assert storage.exists(f"{s3_server}/s3data/gen/dog_00001.mp4")
+
+
+KILLED_SWAP = """
+import os, signal, sys
+from pathlib import Path
+from mdsgen import storage
+
+renames = []
+real_replace = os.replace
+def replace(src, dst):
+    renames.append((src, dst))
+    if {kill_at} == len(renames):
+        os.kill(os.getpid(), signal.SIGKILL)  # the worst moment: {what}
+    real_replace(src, dst)
+os.replace = replace
+storage.upload_dir(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("kill_at,what", [(1, "before the old version moves aside"),
+                                          (2, "the old version moved aside, the new one not yet in")])
+def test_a_writer_killed_during_the_swap_loses_nothing(tmp_path, kill_at, what):
+    import signal
+    import subprocess
+    import sys
+
+    old, new = tmp_path / "model", tmp_path / "new"
+    for folder, text in ((old, "old"), (new, "new")):
+        (folder / "vae").mkdir(parents=True)
+        (folder / "config.json").write_text(text)
+        (folder / "vae" / "w").write_text(text)
+    proc = subprocess.run([sys.executable, "-c", KILLED_SWAP.format(kill_at=kill_at, what=what), str(new), str(old)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (kill_at == 2) == (not old.exists())  # the killed writer left the old version parked beside
+    assert (storage.local_dir(old) / "config.json").read_text() == "old"  # a reader puts it back
+    assert (old / "vae" / "w").read_text() == "old"
+    storage.upload_dir(new, str(old))  # the next writer succeeds
+    assert (old / "config.json").read_text() == "new"
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model."))
+    assert len(leftovers) == 1 and ".new-" in leftovers[0]  # the killed writer's half copy, removed once stale
+
+
+def test_stale_half_copies_are_removed(tmp_path):
+    import os
+    import time
+
+    dest = tmp_path / "model"
+    dest.mkdir()
+    stale, fresh = tmp_path / ".model.new-dead", tmp_path / ".model.new-live"
+    for copy in (stale, fresh):
+        copy.mkdir()
+        (copy / "part").write_text("x")
+    hours_ago = time.time() - 2 * storage.STALE_COPY_SECONDS
+    os.utime(stale, (hours_ago, hours_ago))
+    storage.recover_interrupted_swap(dest)
+    assert not stale.exists() and fresh.exists()  # a young one may belong to a writer still copying
