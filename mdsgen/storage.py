@@ -93,7 +93,11 @@ def _umask() -> int:
 def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
     """Copy a local folder to a local path or an S3 prefix (files keep their relative paths), replacing
     an older version of the same output there. A folder holding anything the new output does not (the
-    project root, say) is refused, never deleted."""
+    project root, say) is refused, never deleted.
+
+    On S3 the manifest, written last, lists each file's ETag and, on a bucket with versioning, its
+    version: a writer killed halfway leaves the old manifest, by which readers still get the old version
+    whole (versioned bucket) or a clear refusal (unversioned: the old files are overwritten)."""
     local_dir = Path(local_dir)
     if not is_s3(uri):
         _replace_local_dir(local_dir, Path(uri))
@@ -101,14 +105,15 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
     bucket, prefix = split_s3(uri)
     prefix = prefix.rstrip("/")
     client = s3_client()
-    written = set()
+    written = {}
     for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
         key = "/".join([prefix, file.relative_to(local_dir).as_posix()]).lstrip("/")
         client.upload_file(str(file), bucket, key)
-        written.add(key)
-    listed = {o["Key"]: o for o in _list_prefix(uri)}
+        head = client.head_object(Bucket=bucket, Key=key)
+        written[key] = {"etag": head["ETag"], **({"version": head["VersionId"]} if head.get("VersionId") else {})}
+    listed = {o["Key"] for o in _list_prefix(uri)}
     manifest_key = "/".join([prefix, MANIFEST]).lstrip("/")
-    files = {key[len(prefix) + 1 if prefix else 0:]: listed[key]["ETag"] for key in sorted(written)}
+    files = {key[len(prefix) + 1 if prefix else 0:]: entry for key, entry in sorted(written.items())}
     client.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps({"files": files}, indent=1).encode())
     # then the older version's leftovers: readers go by the manifest, so none of them reads these any more
     stale = [key for key in listed if key not in written and key != manifest_key]
@@ -228,8 +233,8 @@ def local_dir(uri: str | os.PathLike) -> Path:
                        f"a folder must be written whole (mdsgen writes it so), not file by file") from changed
 
 
-def _folder_files(uri: str, bucket: str, prefix: str) -> dict[str, str]:
-    """{key: ETag} of an S3 folder: its manifest's files, else every object under the prefix."""
+def _folder_files(uri: str, bucket: str, prefix: str) -> dict[str, dict]:
+    """{key: {"etag", "version"?}} of an S3 folder: its manifest's files, else every object under the prefix."""
     from botocore.exceptions import ClientError
 
     try:
@@ -237,12 +242,14 @@ def _folder_files(uri: str, bucket: str, prefix: str) -> dict[str, str]:
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
             raise
-        return {o["Key"]: o.get("ETag", "") for o in _list_prefix(uri) if o["Key"] != prefix + MANIFEST}
-    return {prefix + name: etag for name, etag in json.loads(body)["files"].items()}
+        return {o["Key"]: {"etag": o.get("ETag", "")} for o in _list_prefix(uri) if o["Key"] != prefix + MANIFEST}
+    return {prefix + name: entry if isinstance(entry, dict) else {"etag": entry}  # older manifests: ETags only
+            for name, entry in json.loads(body)["files"].items()}
 
 
-def _download(uri: str, bucket: str, prefix: str, files: dict[str, str]) -> Path:
-    fingerprint = "\n".join([uri] + [f"{key} {etag}" for key, etag in sorted(files.items())])
+def _download(uri: str, bucket: str, prefix: str, files: dict[str, dict]) -> Path:
+    fingerprint = "\n".join([uri] + [f"{key} {entry['etag']} {entry.get('version', '')}"
+                                     for key, entry in sorted(files.items())])
     dest = cache_dir() / "s3" / hashlib.sha256(fingerprint.encode()).hexdigest()[:20]
     if dest.is_dir():
         return dest
@@ -250,12 +257,14 @@ def _download(uri: str, bucket: str, prefix: str, files: dict[str, str]) -> Path
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".download-"))
     client = s3_client()
     try:
-        for key, etag in files.items():
+        for key, entry in files.items():
             target = (tmp / key[len(prefix):]).resolve()
             if tmp.resolve() not in target.parents:  # 'prefix//etc/x' or '../x' must not land outside
                 raise ValueError(f"s3://{bucket}/{key}: the key leaves its prefix {uri}; refusing to download it")
             target.parent.mkdir(parents=True, exist_ok=True)
-            body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))["Body"]
+            pinned = ({"VersionId": entry["version"]} if entry.get("version") else
+                      {"IfMatch": entry["etag"]} if entry["etag"] else {})
+            body = client.get_object(Bucket=bucket, Key=key, **pinned)["Body"]
             with open(target, "wb") as out:
                 for chunk in body.iter_chunks(1 << 20):
                     out.write(chunk)

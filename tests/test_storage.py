@@ -223,3 +223,57 @@ def test_stale_half_copies_are_removed(tmp_path):
     os.utime(stale, (hours_ago, hours_ago))
     storage.recover_interrupted_swap(dest)
     assert not stale.exists() and fresh.exists()  # a young one may belong to a writer still copying
+
+
+KILLED_UPLOAD = """
+import os, signal, sys
+from mdsgen import storage
+
+client = storage.s3_client()
+real_put = client.put_object
+def put_object(**kwargs):
+    if kwargs["Key"].endswith(storage.MANIFEST):
+        os.kill(os.getpid(), signal.SIGKILL)  # every new file is up, the manifest not yet
+    return real_put(**kwargs)
+client.put_object = put_object
+storage.s3_client = lambda: client
+storage.upload_dir(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("versioned", [True, False])
+def test_a_writer_killed_during_an_s3_upload(s3_server, tmp_path, monkeypatch, versioned):
+    """On a bucket with versioning the old version stays whole for readers; without it the reader refuses
+    the mix (the old files are overwritten) and says why."""
+    import signal
+    import subprocess
+    import sys
+
+    import boto3
+
+    monkeypatch.setattr(storage, "READ_ATTEMPTS", 2)
+    bucket = f"mdsgen-killed-{'v' if versioned else 'u'}"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    if versioned:
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    folder = f"s3://{bucket}/ckpt"
+    for version in ("old", "new"):
+        (tmp_path / version / "vae").mkdir(parents=True)
+        (tmp_path / version / "config.json").write_text(version)
+        (tmp_path / version / "vae" / "w").write_text(version)
+    storage.upload_dir(tmp_path / "old", folder)
+    proc = subprocess.run([sys.executable, "-c", KILLED_UPLOAD, str(tmp_path / "new"), folder],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert storage.read_bytes(f"{folder}/config.json") == b"new"  # the new files did land
+    monkeypatch.setenv("MDSGEN_CACHE", str(tmp_path / "cache"))
+    if versioned:
+        got = storage.local_dir(folder)
+        assert (got / "config.json").read_text() == "old" and (got / "vae" / "w").read_text() == "old"
+    else:
+        with pytest.raises(RuntimeError, match="kept changing behind its manifest"):
+            storage.local_dir(folder)
+    storage.upload_dir(tmp_path / "new", folder)  # the next writer succeeds either way
+    monkeypatch.setenv("MDSGEN_CACHE", str(tmp_path / "cache-after"))
+    assert (storage.local_dir(folder) / "config.json").read_text() == "new"
