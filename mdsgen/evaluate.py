@@ -12,7 +12,8 @@ context. Every system's audio is scored by the same code against the same real t
                           classifier achieve on truth (its FD/KL are zero by construction)
 
 Metrics (mdsgen.metrics): Frechet distance, paired KL, Inception-style score and top-1 class agreement
-on aisfx; onset sync against the dataset's true event onsets; the share of (video, audio) pairs the
+on aisfx; object match (a spectrum classifier fit on the training split's recordings: does the clip
+sound like its own label's object); onset sync against the dataset's true event onsets; the share of (video, audio) pairs the
 alignment classifier judges aligned; and, for the model, parameters, seconds per clip and peak memory.
 
 Diagnostics that an audio metric cannot be fooled past (`diagnose`): the sampled latents' spread against
@@ -36,14 +37,14 @@ from .audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel
 from .checkpoint import Checkpoint
 from .diffusion import conditioning_gain, sample
 from .features import load_latents
-from .metrics import SoundNet, audio_scores, onset_sync
+from .metrics import ObjectProbe, SoundNet, audio_scores, onset_sync
 from .vae import MelStandardizer
 
 SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuffled_video", "real_audio")
 DIAGNOSTICS = ("latent_std_ratio", "latent_abs_max", "real_latent_abs_max", "conditioning_gain",
                "own_vs_other_distance", "diagnostics_pass")
-TABLE_METRICS = ("frechet_distance", "kl", "inception_score", "class_agreement", "onset_median_error_ms",
-                 "onset_recall", "onset_precision", "onset_f1", "onset_auc", "align_aligned_share")
+TABLE_METRICS = ("frechet_distance", "kl", "inception_score", "class_agreement", "object_match",
+                 "onset_median_error_ms", "onset_recall", "onset_precision", "onset_f1", "onset_auc", "align_aligned_share")
 LOWER_IS_BETTER = {"frechet_distance", "kl", "onset_median_error_ms"}
 
 
@@ -140,6 +141,16 @@ class TestSet:
         self.net = SoundNet(device)
         self.align = AlignmentClassifier.load(align_dir)
         self.real_sound = self.net(self.real, audio_cfg.sample_rate)
+        self.objects = self._object_probe(dataset_dir, latents_dir)
+
+    def _object_probe(self, dataset_dir, latents_dir) -> ObjectProbe | None:
+        """Fit on the training split's real recordings; None when it has fewer than two labels."""
+        train = load_latents(latents_dir, "train")
+        if len(set(train["labels"])) < 2:
+            return None
+        waves = [fit_length(load_audio(Path(dataset_dir) / "clips" / f"{cid}.mp4", self.audio_cfg.sample_rate),
+                            self.audio_cfg.clip_samples) for cid in train["clip_ids"]]
+        return ObjectProbe(waves, train["labels"], self.audio_cfg)
 
     def noise(self, seed: int) -> torch.Tensor:
         return torch.randn((self.n, *self.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
@@ -149,6 +160,8 @@ class TestSet:
         rate = self.audio_cfg.sample_rate
         sound = self.real_sound if real else self.net(waves, rate)
         scores = audio_scores(self.real_sound, sound)
+        if self.objects is not None:
+            scores["object_match"] = self.objects.match(waves, self.labels)
         if self.timed:
             scores.update(onset_sync([waves[i] for i in self.timed], rate, self.onsets))
         scores["align_aligned_share"] = self.align.aligned_share(self.features,
