@@ -113,3 +113,32 @@ def test_onset_auc_rewards_sound_at_the_true_onsets_and_not_noise():
     assert abs(np.mean(noise) - 0.5) < 0.1  # chance, whatever the loudness
     assert onset_auc(np.roll(timed, rate // 2), rate, truth) < 0.5  # half a second late: below chance
     assert onset_auc(np.zeros(rate * 8, dtype=np.float32), rate, truth) == 0.5  # silence: all ties
+
+
+def test_the_object_probe_tells_objects_apart_and_noise_from_both():
+    from mdsgen.audio import AudioConfig
+    from mdsgen.metrics import ObjectProbe
+
+    audio = AudioConfig()
+    rng = np.random.default_rng(0)
+    t = np.arange(audio.clip_samples) / audio.sample_rate
+
+    def clip(pitch, seed):  # a harmonic tone in one or two events at random places, over faint noise
+        r = np.random.default_rng(seed)
+        wave = 0.01 * r.standard_normal(len(t))
+        for start in r.uniform(0, 6, r.integers(1, 3)):
+            on = (t >= start) & (t < start + 1.5)
+            wave[on] += 0.3 * sum(np.sin(2 * np.pi * pitch * k * t[on]) / k for k in (1, 2, 3))
+        return wave.astype(np.float32)
+
+    pitches = {"low": 220.0, "mid": 660.0, "high": 1760.0}
+    train = [(clip(p, 10 * i + j), label) for i, (label, p) in enumerate(pitches.items()) for j in range(6)]
+    probe = ObjectProbe([w for w, _ in train], [label for _, label in train], audio)
+    tests = [(clip(p, 100 + 10 * i + j), label) for i, (label, p) in enumerate(pitches.items()) for j in range(3)]
+    waves, labels = [w for w, _ in tests], [label for _, label in tests]
+    assert probe.match(waves, labels) == 1.0
+    assert probe.match(waves[3:] + waves[:3], labels) == 0.0           # another object's sound
+    noise = [rng.standard_normal(len(t)).astype(np.float32) * 0.1 for _ in labels]
+    assert probe.match(noise, labels) <= 1 / 3 + 1e-9                   # one label for all: chance at best
+    with pytest.raises(ValueError, match="at least two labels"):
+        ObjectProbe(waves[:3], ["low"] * 3, audio)
