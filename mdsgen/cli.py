@@ -232,6 +232,10 @@ def cmd_train(args) -> int:
         write_json(args.metrics, metrics)
         print(f"trained {metrics['steps']} steps (loss {metrics['first_loss']} -> {metrics['final_loss']}); "
               f"checkpoint in {args.out}; MLflow run {metrics['mlflow_run_id']}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun process: skip the gloo teardown (mdsgen/train.py)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -405,11 +405,10 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
         if run is not None:
             mlflow.end_run()
     if dist.is_initialized():
-        # Every rank waits for rank 0's final save, then all leave together: a rank that shuts its gloo
-        # connections down while another still runs can hang the job (pytorch#75097). After a failure the
-        # group is left to torchrun, which stops the other ranks.
+        # Every rank waits for rank 0's final save. The group is not destroyed: tearing gloo down hung a
+        # rank after all the work was done (pytorch#75097; seen here even after this barrier), so
+        # `mdsgen train` ends a torchrun process with os._exit once its outputs are written.
         dist.barrier()
-        dist.destroy_process_group()
     return metrics
 
 
