@@ -13,8 +13,8 @@ context. Every system's audio is scored by the same code against the same real t
 
 Metrics (mdsgen.metrics): Frechet distance, paired KL, Inception-style score and top-1 class agreement
 on aisfx; object match (a spectrum classifier fit on the training split's recordings: does the clip
-sound like its own label's object); onset sync against the dataset's true event onsets; the share of (video, audio) pairs the
-alignment classifier judges aligned; and, for the model, parameters, seconds per clip and peak memory.
+sound like its own label's object); onset sync against the dataset's true event onsets; the share of
+(video, audio) pairs the alignment classifier judges aligned; and, for the model, parameters, seconds per clip and peak memory.
 
 Diagnostics that an audio metric cannot be fooled past (`diagnose`): the sampled latents' spread against
 the real ones, the conditioning gain (the unconditional prediction's error over the conditional one at a
@@ -136,8 +136,7 @@ class TestSet:
         all_onsets = json.loads(onsets_path.read_text()) if onsets_path.is_file() else {}
         self.timed = [i for i, cid in enumerate(self.ids) if cid in all_onsets]
         self.onsets = [all_onsets[self.ids[i]] for i in self.timed]
-        self.real = [fit_length(load_audio(Path(dataset_dir) / "clips" / f"{cid}.mp4", audio_cfg.sample_rate),
-                                audio_cfg.clip_samples) for cid in self.ids]
+        self.real = self._recordings(dataset_dir, self.ids)
         self.net = SoundNet(device)
         self.align = AlignmentClassifier.load(align_dir)
         self.real_sound = self.net(self.real, audio_cfg.sample_rate)
@@ -148,9 +147,12 @@ class TestSet:
         train = load_latents(latents_dir, "train")
         if len(set(train["labels"])) < 2:
             return None
-        waves = [fit_length(load_audio(Path(dataset_dir) / "clips" / f"{cid}.mp4", self.audio_cfg.sample_rate),
-                            self.audio_cfg.clip_samples) for cid in train["clip_ids"]]
-        return ObjectProbe(waves, train["labels"], self.audio_cfg)
+        return ObjectProbe(self._recordings(dataset_dir, train["clip_ids"]), train["labels"], self.audio_cfg)
+
+    def _recordings(self, dataset_dir, clip_ids) -> list[np.ndarray]:
+        cfg = self.audio_cfg
+        return [fit_length(load_audio(Path(dataset_dir) / "clips" / f"{cid}.mp4", cfg.sample_rate), cfg.clip_samples)
+                for cid in clip_ids]
 
     def noise(self, seed: int) -> torch.Tensor:
         return torch.randn((self.n, *self.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))

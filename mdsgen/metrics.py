@@ -90,10 +90,14 @@ class ObjectProbe:
         self.classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
         self.classifier.fit(self.spectra(waves), labels)
 
-    def spectra(self, waves: list[np.ndarray]) -> np.ndarray:
-        mel = wave_to_mel(np.stack(waves), self.audio).numpy()                 # [clips, bins, frames]
-        loudest = np.argsort(mel.mean(1), axis=1)[:, -max(1, mel.shape[-1] // 4):]
-        return np.take_along_axis(mel, loudest[:, None, :], axis=2).mean(2)
+    def spectra(self, waves: list[np.ndarray], chunk: int = 16) -> np.ndarray:
+        """[clips, bins]; `chunk` clips at a time, so the training set's spectrograms are never all in memory."""
+        out = []
+        for start in range(0, len(waves), chunk):
+            mel = wave_to_mel(np.stack(waves[start:start + chunk]), self.audio).numpy()  # [clips, bins, frames]
+            loudest = np.argsort(mel.mean(1), axis=1)[:, -max(1, mel.shape[-1] // 4):]
+            out.append(np.take_along_axis(mel, loudest[:, None, :], axis=2).mean(2))
+        return np.concatenate(out)
 
     def match(self, waves: list[np.ndarray], labels: list[str]) -> float:
         """The share of clips assigned to their own label."""
