@@ -5,7 +5,7 @@
 #
 #   benchmarks/gpu.sh [OUT_JSON]          (default benchmarks/results/speed-gpu.json)
 #
-# Needs a python with CUDA torch. The benchmark imports only mdsgen.model, mdsgen.diffusion and diffusers;
+# Needs a python with CUDA torch. The benchmark imports only mdsgen.model (network, diffusion) and diffusers;
 # diffusers is installed when missing: from $MDSGEN_WHEELS (a folder of wheels, for offline machines:
 # `pip download diffusers==0.42.1 -d wheels`) or else from the package index.
 set -euo pipefail

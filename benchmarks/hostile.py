@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from media import make_audio_only, make_video, two_frames  # noqa: E402
-from mdsgen import serving  # noqa: E402
-from mdsgen.client import SoundtrackClient  # noqa: E402
+from mdsgen.serving import server as triton  # noqa: E402  (the tritonserver process and its model repository)
+from mdsgen.serving.client import SoundtrackClient  # noqa: E402
 
 
 def ci_checkpoint(folder: Path) -> str:
@@ -157,8 +157,8 @@ def main() -> None:
         (tmp / "corpus").mkdir()
         files = corpus(tmp / "corpus")
         checkpoint = ci_checkpoint(tmp / "ci")
-        serving.write_version(tmp / "repository", checkpoint, 1)
-        server = serving.start(tmp / "repository", tmp / "state", ports=(0, 0, 0))
+        triton.write_version(tmp / "repository", checkpoint, 1)
+        server = triton.start(tmp / "repository", tmp / "state", ports=(0, 0, 0))
         try:
             client = SoundtrackClient(server.grpc)
             client.soundtrack(files["good 3 s clip"], steps=STEPS)  # warm-up
@@ -172,7 +172,7 @@ def main() -> None:
                              f"{local['peak_mb']} | {remote['message']} | {remote['seconds']:.2f} |")
                 print(lines[-1], flush=True)
             corpus_mb = peak_memory_mb(server.pid)
-            from mdsgen.generate import VideoToAudio
+            from mdsgen.inference.generate import VideoToAudio
 
             generator = VideoToAudio(checkpoint)
             features = generator.features(generator.read(files["good 3 s clip"])).numpy()
@@ -180,7 +180,7 @@ def main() -> None:
             load_mb = peak_memory_mb(server.pid)
             ready = client.ready()
         finally:
-            serving.stop(tmp / "state")
+            triton.stop(tmp / "state")
     summary = {"requests": args.requests, "clients": args.clients, "good_ok": outcomes["good ok"],
                "good_failed": len(outcomes["good failed"]), "bad_refused": outcomes["bad refused"],
                "bad_accepted": outcomes["bad accepted"], "seconds": round(outcomes["seconds"], 1),

@@ -25,13 +25,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdsgen import serving  # noqa: E402
-from mdsgen.checkpoint import init_checkpoint, save_checkpoint  # noqa: E402
-from mdsgen.client import SoundtrackClient  # noqa: E402
+from mdsgen.serving import server as triton  # noqa: E402  (the tritonserver process and its model repository)
+from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint  # noqa: E402
+from mdsgen.serving.client import SoundtrackClient  # noqa: E402
 from mdsgen.config import parse_params, resolve_params  # noqa: E402
-from mdsgen.files import list_inputs  # noqa: E402
-from mdsgen.generate import VideoToAudio  # noqa: E402
-from mdsgen.samples import bigbuckbunny  # noqa: E402
+from mdsgen.media.files import list_inputs  # noqa: E402
+from mdsgen.inference.generate import VideoToAudio  # noqa: E402
+from mdsgen.base.samples import bigbuckbunny  # noqa: E402
 
 
 def ci_checkpoint(folder: Path) -> str:
@@ -55,12 +55,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mdsgen-bench-") as tmp:
         checkpoint = args.checkpoint or ci_checkpoint(Path(tmp) / "ci")
         repository = Path(tmp) / "repository"
-        serving.write_version(repository, checkpoint, 1)
-        server = serving.start(repository, Path(tmp) / "state", ports=(0, 0, 0))
+        triton.write_version(repository, checkpoint, 1)
+        server = triton.start(repository, Path(tmp) / "state", ports=(0, 0, 0))
         try:
             results = run(args, server, checkpoint, clips, videos)
         finally:
-            serving.stop(Path(tmp) / "state")
+            triton.stop(Path(tmp) / "state")
     results["checkpoint"] = args.checkpoint or "ci profile architecture, fresh weights"
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

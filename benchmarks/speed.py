@@ -36,8 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdsgen.diffusion import SamplingConfig, sample, training_loss  # noqa: E402
-from mdsgen.model import MDSGen, config_for  # noqa: E402
+from mdsgen.model.diffusion import SamplingConfig, sample, training_loss  # noqa: E402
+from mdsgen.model.network import MDSGen, config_for  # noqa: E402
 
 FEATURE_DIM = 1280  # the embedded EfficientNet-Lite0 frame encoder
 STEPS = 25
@@ -109,8 +109,8 @@ def bench_denoiser(sizes, repeats: int, unet_steps: int, rate: float) -> dict:
         flops = flops_of(run)
         rows[size] = {"params": model.parameter_counts()["inference"], "s_per_clip": seconds,
                       "gflops_per_clip": flops / 1e9, "floor_s": flops / rate, "share_of_matmul_rate": flops / rate / seconds}
-    # speed work, before/after in the same run: the position-bias cache (mdsgen/model.py)
-    from mdsgen.model import RelativePositionBias
+    # speed work, before/after in the same run: the position-bias cache (mdsgen/model/network.py)
+    from mdsgen.model.network import RelativePositionBias
 
     model = MDSGen(config_for(sizes[0], feature_dim=FEATURE_DIM)).eval().to(DEVICE)
     run = lambda: sample(model, features, SamplingConfig(steps=STEPS))  # noqa: E731
@@ -174,10 +174,10 @@ def bench_end_to_end(repeats: int) -> dict:
     the silent tail), and a 60 s video."""
     import functools
 
-    import mdsgen.video as video
-    from mdsgen.checkpoint import init_checkpoint
+    import mdsgen.media.video as video
+    from mdsgen.model.checkpoint import init_checkpoint
     from mdsgen.config import load_params
-    from mdsgen.generate import VideoToAudio
+    from mdsgen.inference.generate import VideoToAudio
 
     generator = VideoToAudio(init_checkpoint(load_params(ROOT / "params.yaml")))
     sampling = generator.ckpt.sampling
@@ -242,8 +242,8 @@ def bench_training(repeats: int, batch: int = 8) -> dict:
 PEAK_KB = "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))"
 MEMORY_PROBE = """
 import contextlib, sys, torch
-from mdsgen.diffusion import SamplingConfig, sample
-from mdsgen.model import MDSGen, config_for
+from mdsgen.model.diffusion import SamplingConfig, sample
+from mdsgen.model.network import MDSGen, config_for
 size, device, precision = sys.argv[1:4]
 model = MDSGen(config_for(size, feature_dim=1280)).eval().to(device)
 bf16 = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
@@ -257,7 +257,7 @@ if device.startswith("cuda"):
 def bench_memory(sizes) -> dict:
     """Peak memory of a fresh process sampling one clip: resident memory on CPU; on a GPU also torch's peak
     allocation and reservation (nvidia-smi adds the CUDA context, some hundreds of MB, to these)."""
-    baseline = int(subprocess.run([sys.executable, "-c", "import torch, mdsgen.model, mdsgen.diffusion\n" + PEAK_KB],
+    baseline = int(subprocess.run([sys.executable, "-c", "import torch, mdsgen.model.network, mdsgen.model.diffusion\n" + PEAK_KB],
                                   capture_output=True, text=True, cwd=ROOT, check=True).stdout)
     rows = {"imports_only_mb": baseline / 1024}
     for size in sizes:

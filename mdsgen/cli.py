@@ -8,8 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import storage
-from .errors import CheckpointError, MediaError, ServingError
+from mdsgen.base import storage
+from mdsgen.base.errors import CheckpointError, MediaError, ServingError
 
 
 def write_json(path, values: dict) -> None:
@@ -21,15 +21,15 @@ def resolve_model(uri: str, params_path: str = "params.yaml") -> str:
     """A checkpoint folder for a checkpoint URI or a `models:/name@alias` registry URI."""
     if not uri.startswith(("models:/", "runs:/")):
         return uri
-    from .registry import resolve_checkpoint
+    from mdsgen.evaluation.registry import resolve_checkpoint
 
     use_mlflow(params_path)
     return resolve_checkpoint(uri)
 
 
 def use_mlflow(params_path: str):
-    from .config import Params, load_params
-    from .tracking import use_tracking
+    from mdsgen.config import Params, load_params
+    from mdsgen.evaluation.tracking import use_tracking
 
     p = load_params(params_path) if Path(params_path).is_file() else Params()
     use_tracking(p.mlflow["tracking_uri"], p.mlflow["experiment"])
@@ -76,8 +76,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .generate import generate_files, with_overrides
+    from mdsgen.model.checkpoint import load_checkpoint
+    from mdsgen.inference.generate import generate_files, with_overrides
 
     ckpt = load_checkpoint(resolve_model(args.checkpoint or args.model, args.params), args.device)
     sampling = with_overrides(ckpt.sampling, steps=args.steps, cfg_scale=args.cfg)
@@ -89,7 +89,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .model import MDSGen, PAPER_PARAMS, SIZES, config_for
+    from mdsgen.model.network import MDSGen, PAPER_PARAMS, SIZES, config_for
 
     rows = []
     for size, shape in SIZES.items():
@@ -110,8 +110,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_init_checkpoint(args) -> int:
-    from .checkpoint import init_checkpoint, save_checkpoint
-    from .config import load_params
+    from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint
+    from mdsgen.config import load_params
 
     params = load_params(args.params)
     if args.size:
@@ -124,7 +124,7 @@ def cmd_init_checkpoint(args) -> int:
 
 
 def cmd_params_use(args) -> int:
-    from .config import use_profile
+    from mdsgen.config import use_profile
 
     use_profile(args.profile, args.params)
     print(f"{args.params}: profile {args.profile} is active")
@@ -132,8 +132,8 @@ def cmd_params_use(args) -> int:
 
 
 def cmd_dataset_build(args) -> int:
-    from .config import load_params
-    from .dataset import build_dataset
+    from mdsgen.config import load_params
+    from mdsgen.data.dataset import build_dataset
 
     with storage.staged_output(args.out) as out:
         rows = build_dataset(load_params(args.params).dataset, out)
@@ -144,7 +144,7 @@ def cmd_dataset_build(args) -> int:
 def cmd_dataset_copy(args) -> int:
     import shutil
 
-    from .dataset import read_metadata
+    from mdsgen.data.dataset import read_metadata
 
     source = storage.local_input(args.source)
     rows = read_metadata(source)  # refuses a folder that is not a dataset
@@ -155,7 +155,7 @@ def cmd_dataset_copy(args) -> int:
 
 
 def cmd_dataset_import(args) -> int:
-    from .dataset import import_vggsound
+    from mdsgen.data.dataset import import_vggsound
 
     with storage.staged_output(args.out) as out:
         rows, failures = import_vggsound(storage.local_input(args.csv), storage.local_input(args.videos), out)
@@ -164,8 +164,8 @@ def cmd_dataset_import(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from .config import load_params
-    from .features import extract_features
+    from mdsgen.config import load_params
+    from mdsgen.data.features import extract_features
 
     p = load_params(args.params)
     with storage.staged_output(args.out) as out:
@@ -177,9 +177,9 @@ def cmd_features(args) -> int:
 
 
 def cmd_train_vae(args) -> int:
-    from .config import load_params
-    from .vae import NO_VAE
-    from .vae_train import train_vae
+    from mdsgen.config import load_params
+    from mdsgen.model.vae import NO_VAE
+    from mdsgen.training.vae_train import train_vae
 
     p = load_params(args.params)
     trains = not p.vae.get("path") and p.vae.get("config") != NO_VAE
@@ -193,8 +193,8 @@ def cmd_train_vae(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from .features import encode_latents
-    from .vae import load_vae
+    from mdsgen.data.features import encode_latents
+    from mdsgen.model.vae import load_vae
 
     with storage.staged_output(args.out) as out:
         counts = encode_latents(storage.local_input(args.dataset), storage.local_input(args.features),
@@ -219,8 +219,8 @@ def step_progress(total: int, desc: str):
 
 
 def cmd_train(args) -> int:
-    from .config import load_params
-    from .train import train
+    from mdsgen.config import load_params
+    from mdsgen.training.train import train
 
     p = load_params(args.params)
     if args.steps:
@@ -232,7 +232,7 @@ def cmd_train(args) -> int:
         write_json(args.metrics, metrics)
         print(f"trained {metrics['steps']} steps (loss {metrics['first_loss']} -> {metrics['final_loss']}); "
               f"checkpoint in {args.out}; MLflow run {metrics['mlflow_run_id']}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun process: skip the gloo teardown (mdsgen/train.py)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun process: skip the gloo teardown (mdsgen/training/train.py)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -240,8 +240,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_align(args) -> int:
-    from .align import train_align
-    from .config import load_params
+    from mdsgen.evaluation.align import train_align
+    from mdsgen.config import load_params
 
     p = load_params(args.params)
     metrics = train_align(storage.local_input(args.dataset), storage.local_input(args.features), args.out, p.align,
@@ -254,8 +254,8 @@ def cmd_train_align(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .evaluate import evaluate, log_to_mlflow, markdown_table, write_report
+    from mdsgen.model.checkpoint import load_checkpoint
+    from mdsgen.evaluation.evaluate import evaluate, log_to_mlflow, markdown_table, write_report
 
     p = use_mlflow(args.params)
     ckpt = load_checkpoint(resolve_model(args.checkpoint or args.model, args.params), args.device)
@@ -270,7 +270,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from .ablations import ARMS, run_sweep, write_report
+    from mdsgen.training.ablations import ARMS, run_sweep, write_report
 
     p = use_mlflow(args.params)
     settings = dict(p.ablations, **{k: v for k, v in (("steps", args.steps), ("seeds", args.seeds),
@@ -285,7 +285,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from .registry import register
+    from mdsgen.evaluation.registry import register
 
     p = use_mlflow(args.params)
     evaluation = json.loads(Path(args.evaluation).read_text())
@@ -298,7 +298,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from .registry import promote
+    from mdsgen.evaluation.registry import promote
 
     p = use_mlflow(args.params)
     decision = promote(p.mlflow["registered_model"], p.mlflow["gate"], force=args.force)
@@ -311,41 +311,41 @@ def cmd_promote(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from . import serving
+    from mdsgen.serving import server as triton  # the tritonserver process and its model repository
 
     p = use_mlflow(args.params)
     settings = p.serving
     state_dir = Path(args.state_dir or settings["state_dir"])
     repository = state_dir / "repository"
     if args.stop:
-        server = serving.stop(state_dir)
+        server = triton.stop(state_dir)
         print(f"stopped tritonserver (pid {server.pid})" if server else "no server was running")
         return 0
     if args.export:
-        checkpoint, version = serving.resolve_served_model(args.model or settings["model"])
-        serving.export_repository(checkpoint, args.export, version, reference=args.reference)
-        print(f"wrote a Triton model repository with {serving.MODEL_NAME} version {version} to {args.export}")
+        checkpoint, version = triton.resolve_served_model(args.model or settings["model"])
+        triton.export_repository(checkpoint, args.export, version, reference=args.reference)
+        print(f"wrote a Triton model repository with {triton.MODEL_NAME} version {version} to {args.export}")
         return 0
-    running = serving.load_state(state_dir)
+    running = triton.load_state(state_dir)
     if args.reload:
         if running is None:
             raise ValueError(f"no server is running from {state_dir}: start one with `mdsgen serve`")
-        checkpoint, version = serving.resolve_served_model(args.model or settings["model"], repository)
+        checkpoint, version = triton.resolve_served_model(args.model or settings["model"], repository)
         if version == running.version and not args.model:
-            print(f"already serving {serving.MODEL_NAME} version {version}")
+            print(f"already serving {triton.MODEL_NAME} version {version}")
             return 0
-        server = serving.reload(running, state_dir, checkpoint, version, args.reference)
-        print(f"now serving {serving.MODEL_NAME} version {server.version}")
+        server = triton.reload(running, state_dir, checkpoint, version, args.reference)
+        print(f"now serving {triton.MODEL_NAME} version {server.version}")
         return 0
     if running is not None:
         raise ValueError(f"a server is already running (pid {running.pid}, gRPC {running.grpc}): "
                          f"--reload swaps its model, --stop stops it")
-    checkpoint, version = serving.resolve_served_model(args.model or settings["model"], repository)
-    serving.write_version(repository, checkpoint, version, reference=args.reference)
-    serving.prune_versions(repository)
+    checkpoint, version = triton.resolve_served_model(args.model or settings["model"], repository)
+    triton.write_version(repository, checkpoint, version, reference=args.reference)
+    triton.prune_versions(repository)
     ports = tuple(args.ports or settings["ports"])
     monitor_log = args.monitor_log if args.monitor_log is not None else p.monitoring["log"]
-    server = serving.start(repository, state_dir, args.host or settings["host"], ports,
+    server = triton.start(repository, state_dir, args.host or settings["host"], ports,
                            args.config or settings["config"], monitor_log)
     print(server.endpoints())
     print(f"stop with: mdsgen serve --stop{' --state-dir ' + str(state_dir) if args.state_dir else ''}")
@@ -353,8 +353,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_client(args) -> int:
-    from .client import client_files
-    from .serving import load_state
+    from mdsgen.serving.client import client_files
+    from mdsgen.serving.server import load_state
 
     url = args.url
     if url is None:
@@ -369,22 +369,22 @@ def cmd_client(args) -> int:
 
 
 def cmd_app(args) -> int:
-    from .app import InProcess, ThroughServer, run_app
+    from mdsgen.serving.app import InProcess, ThroughServer, run_app
 
     p = use_mlflow(args.params)
     cfg = replace(p.app, **{k: v for k, v in (("host", args.host), ("port", args.port),
                                                ("concurrency", args.concurrency)) if v is not None})
     url = args.url
     if url is None and not (args.checkpoint or args.model):
-        from .serving import load_state
+        from mdsgen.serving.server import load_state
 
         server = load_state(Path(p.serving["state_dir"]))  # a running `mdsgen serve`, else in-process
         url = server.grpc if server is not None else None
     if url is not None:
         backend = ThroughServer(url)
     else:
-        from .generate import VideoToAudio
-        from .serving import resolve_served_model
+        from mdsgen.inference.generate import VideoToAudio
+        from mdsgen.serving.server import resolve_served_model
 
         uri = args.checkpoint or args.model or p.serving["model"]
         checkpoint, version = resolve_served_model(uri)
@@ -395,8 +395,8 @@ def cmd_app(args) -> int:
 
 
 def cmd_reference(args) -> int:
-    from .config import load_params
-    from .monitoring import build_reference
+    from mdsgen.config import load_params
+    from mdsgen.serving.monitoring import build_reference
 
     m = load_params(args.params).monitoring
     meta = build_reference(args.checkpoint, args.latents, args.out, m["reference_clips"], m["components"], m["seed"])
@@ -408,7 +408,7 @@ DRIFT_ALERT = 3  # mdsgen monitor: not 1 (a crash) nor 2 (a named error), so a s
 
 
 def cmd_monitor(args) -> int:
-    from . import monitoring
+    from mdsgen.serving import monitoring
 
     p = use_mlflow(args.params)
     reference = args.reference or str(Path(resolve_model(args.model, args.params)) / "monitoring")
@@ -430,7 +430,7 @@ def cmd_monitor(args) -> int:
 
 
 def cmd_compare_mels(args) -> int:
-    from .plots import generated_vs_real
+    from mdsgen.media.plots import generated_vs_real
 
     print(generated_vs_real(args.generated, args.originals, args.output, args.limit))
     return 0
@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="the paper's ablations and ours: train, score and track every arm "
                                       "and seed, then write REPORT.md's tables")
-    p.add_argument("--arms", nargs="+", help="arms to run (default: all; see mdsgen/ablations.py)")
+    p.add_argument("--arms", nargs="+", help="arms to run (default: all; see mdsgen/training/ablations.py)")
     p.add_argument("--seeds", nargs="+", type=int, help="override ablations.seeds")
     p.add_argument("--steps", type=int, help="override ablations.steps (training steps of every trained arm)")
     p.add_argument("--clips", type=int, help="override ablations.clips (test clips scored)")

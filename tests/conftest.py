@@ -23,14 +23,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def bigbuckbunny():
-    from mdsgen.samples import bigbuckbunny
+    from mdsgen.base.samples import bigbuckbunny
 
     return bigbuckbunny()
 
 
 @pytest.fixture(scope="session")
 def badger():
-    from mdsgen.samples import tuxpaint_stamp
+    from mdsgen.base.samples import tuxpaint_stamp
 
     return tuxpaint_stamp("animals/mammals/badger")
 
@@ -50,7 +50,7 @@ def video_20s(media_dir):
 @pytest.fixture(scope="session")
 def untrained_checkpoint(tmp_path_factory):
     """A T-size generator with untrained denoiser and VAE, saved as the library saves checkpoints."""
-    from mdsgen.checkpoint import init_checkpoint, save_checkpoint
+    from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint
     from mdsgen.config import Params
 
     path = tmp_path_factory.mktemp("ckpt") / "untrained"

@@ -7,7 +7,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from mdsgen.video import encode_aac
+from mdsgen.media.video import encode_aac
 
 
 def frame_level(index: int) -> int:

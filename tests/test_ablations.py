@@ -6,7 +6,7 @@ import sys
 import mlflow
 import pytest
 
-from mdsgen.ablations import BEGIN, END, format_tables, ordering_verdict, read_results, summarize
+from mdsgen.training.ablations import BEGIN, END, format_tables, ordering_verdict, read_results, summarize
 from procs import run
 
 ARMS = ["paper", "cross_attention", "channel_R", "cfg_1"]

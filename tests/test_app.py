@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from mdsgen.app import AppConfig, InProcess, Request, parse_request
+from mdsgen.serving.app import AppConfig, InProcess, Request, parse_request
 from media import make_video, streams
 from procs import ROOT, free_port, stop_group, wait_http
 
@@ -38,7 +38,7 @@ def test_settings_are_checked_and_named():
 
 def test_variations_are_one_batch_with_the_seeds_of_generate(untrained_checkpoint, bigbuckbunny):
     """Variation i is what `mdsgen generate --seed seed+i` makes, though all are sampled as one batch."""
-    from mdsgen.generate import VideoToAudio, with_overrides
+    from mdsgen.inference.generate import VideoToAudio, with_overrides
 
     generator = VideoToAudio(str(untrained_checkpoint))
     stages = []

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from mdsgen.audio import (AudioConfig, fit_length, griffin_lim, griffin_lim_librosa, load_audio, scale_mel,
+from mdsgen.media.audio import (AudioConfig, fit_length, griffin_lim, griffin_lim_librosa, load_audio, scale_mel,
                           unscale_mel, wave_to_mel)
-from mdsgen.errors import MediaError
+from mdsgen.base.errors import MediaError
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ HIFIGAN = AudioConfig(sample_rate=22050, clip_samples=180224, n_mels=80, fmin=0.
 
 
 def test_hifigan_mel_format_round_trips_a_real_recording(badger):
-    from mdsgen.audio import vocode
+    from mdsgen.media.audio import vocode
 
     wave = load_audio(badger[1], HIFIGAN.sample_rate)
     clip = fit_length(np.tile(wave, 3), HIFIGAN.clip_samples)

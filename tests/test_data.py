@@ -14,12 +14,12 @@ import torch
 
 from media import make_video, streams
 from procs import ROOT, run
-from mdsgen.audio import load_audio, wave_to_mel
-from mdsgen.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
+from mdsgen.media.audio import load_audio, wave_to_mel
+from mdsgen.data.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
                             stamp_recording, stamp_sources)
 from mdsgen.config import load_params
-from mdsgen.features import extract_features, load_latents, load_npz
-from mdsgen.vae import load_vae
+from mdsgen.data.features import extract_features, load_latents, load_npz
+from mdsgen.model.vae import load_vae
 
 # --- dataset --------------------------------------------------------------------------------------
 def test_ci_dataset_layout(ci_repo):
@@ -95,10 +95,10 @@ def test_onset_kernels_are_compiled_before_the_render_workers(tmp_path):
     def cache_files():
         return {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
 
-    subprocess.run([sys.executable, "-c", "from mdsgen.dataset import DatasetConfig, compile_onset_detection; "
+    subprocess.run([sys.executable, "-c", "from mdsgen.data.dataset import DatasetConfig, compile_onset_detection; "
                     "compile_onset_detection(DatasetConfig().sample_rate)"], env=env, check=True)
     compiled = cache_files()
-    subprocess.run([sys.executable, "-c", "from mdsgen.dataset import DatasetConfig, render_clip, stamp_sources; "
+    subprocess.run([sys.executable, "-c", "from mdsgen.data.dataset import DatasetConfig, render_clip, stamp_sources; "
                     "s = stamp_sources(); render_clip(DatasetConfig(), 'dog', str(s['dog']), [str(s['cow'])], 3)"],
                    env=env, check=True)
     assert compiled and cache_files() == compiled
@@ -160,7 +160,7 @@ def test_features_are_deterministic_and_incremental(tmp_path, ci_repo):
     rows = read_metadata(repo / "data/dataset")[:3]
     for row in rows:
         shutil.copy(repo / "data/dataset/clips" / f"{row['clip_id']}.mp4", mini / "clips")
-    from mdsgen.dataset import write_metadata
+    from mdsgen.data.dataset import write_metadata
 
     write_metadata(mini, rows)
     spec = {"name": "efficientnet-lite0"}
@@ -233,8 +233,8 @@ def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline
 
 def test_a_pretrained_vae_replaces_training(ci_repo, tmp_path):
     """With vae.path set (a user's Stable Diffusion VAE, say) the stage adopts and evaluates it."""
-    from mdsgen.vae import MelVAE, load_vae
-    from mdsgen.vae_train import VAETrainConfig, train_vae
+    from mdsgen.model.vae import MelVAE, load_vae
+    from mdsgen.training.vae_train import VAETrainConfig, train_vae
 
     repo, _ = ci_repo
     torch.manual_seed(1)

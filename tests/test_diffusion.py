@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from mdsgen.diffusion import SamplingConfig, guidance_scale, sample
-from mdsgen.model import MDSGen, MDSGenConfig
+from mdsgen.model.diffusion import SamplingConfig, guidance_scale, sample
+from mdsgen.model.network import MDSGen, MDSGenConfig
 
 
 def test_power_cosine_guidance():
@@ -62,7 +62,7 @@ def test_absurd_sampling_settings_are_refused(values, message):
 def test_each_training_target_is_what_the_sampler_reads(prediction):
     """The target the network learns (mdsgen) and the prediction type the sampler decodes (diffusers) must
     agree: fed the exact target, a DDIM step recovers the clean latent exactly, for every parametrisation."""
-    from mdsgen.diffusion import add_noise, alphas_cumprod, make_scheduler, target
+    from mdsgen.model.diffusion import add_noise, alphas_cumprod, make_scheduler, target
 
     x0, noise = torch.randn(2, 1, 8, 16), torch.randn(2, 1, 8, 16)
     scheduler = make_scheduler(SamplingConfig(solver="ddim"), prediction)
@@ -76,7 +76,7 @@ def test_each_training_target_is_what_the_sampler_reads(prediction):
 
 
 def test_min_snr_floor_keeps_noisy_steps_at_plain_x0_weight():
-    from mdsgen.diffusion import alphas_cumprod, loss_weights
+    from mdsgen.model.diffusion import alphas_cumprod, loss_weights
 
     cumprod = alphas_cumprod()
     t = torch.arange(0, 1000, 10)

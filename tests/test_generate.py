@@ -80,7 +80,7 @@ def test_bad_inputs_fail_alone(tmp_path, bigbuckbunny, untrained_checkpoint):
 def test_inputs_with_the_same_name_get_their_own_outputs(tmp_path):
     """a/clip.mp4, b/clip.mp4 and c/clip.mkv in one batch (concurrently, as a server runs them): three WAVs,
     three videos, each with its own input's sound."""
-    from mdsgen.files import Soundtrack, write_soundtracks
+    from mdsgen.media.files import Soundtrack, write_soundtracks
 
     inputs = []
     for i, (folder, suffix) in enumerate((("a", "mp4"), ("b", "mp4"), ("c", "mkv"))):
@@ -119,7 +119,7 @@ def test_csv_input(tmp_path, untrained_checkpoint):
 
 
 def test_dataset_metadata_as_input(tmp_path):
-    from mdsgen.files import list_inputs
+    from mdsgen.media.files import list_inputs
 
     (tmp_path / "metadata.csv").write_text("clip_id,start_seconds,label,split\na,0,dog,train\nb,0,cow,test\n")
     assert list_inputs(tmp_path / "metadata.csv") == [tmp_path / "clips/a.mp4", tmp_path / "clips/b.mp4"]
@@ -138,8 +138,8 @@ def test_bad_checkpoints_are_refused(tmp_path, untrained_checkpoint, bigbuckbunn
 
 @pytest.mark.slow  # generates a 20 s video twice
 def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
-    from mdsgen.diffusion import SamplingConfig
-    from mdsgen.generate import VideoToAudio
+    from mdsgen.model.diffusion import SamplingConfig
+    from mdsgen.inference.generate import VideoToAudio
 
     one = VideoToAudio(str(untrained_checkpoint), batch_size=1)
     many = VideoToAudio(one.ckpt, batch_size=8)
@@ -151,9 +151,9 @@ def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
 
 
 def test_a_video_a_moment_longer_than_one_window_costs_one_window(tmp_path, untrained_checkpoint):
-    from mdsgen.diffusion import SamplingConfig
-    from mdsgen.generate import VideoToAudio
-    from mdsgen.video import SILENT_TAIL_SECONDS
+    from mdsgen.model.diffusion import SamplingConfig
+    from mdsgen.inference.generate import VideoToAudio
+    from mdsgen.media.video import SILENT_TAIL_SECONDS
 
     v2a = VideoToAudio(str(untrained_checkpoint))
     window = v2a.ckpt.audio.clip_seconds

@@ -5,52 +5,70 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "mdsgen"
-# bottom to top (README "Layout"); a module may import its own layer and those below it
-LAYERS = [
-    ("base", {"errors", "storage", "samples"}),
-    ("media", {"audio", "vocoder", "video", "files", "plots"}),
-    ("model", {"model", "diffusion", "vae", "encoders", "checkpoint"}),
-    ("data", {"dataset", "features"}),
-    ("inference", {"generate"}),
-    ("evaluation", {"metrics", "align", "evaluate", "tracking", "registry"}),
-    ("training", {"train", "vae_train", "ablations"}),
-    ("serving", {"serving", "client", "triton_model", "monitoring", "mlflow_model", "app"}),
-    ("interface", {"config", "cli", "__main__", "__init__"}),
-]
-LEVEL = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
+# bottom to top: each layer is a folder of mdsgen/ (README "Layout"); the modules at the top of the package
+# (cli, config) are the interface above them all. A module may import its own layer and those below it.
+LAYERS = ["base", "media", "model", "data", "inference", "evaluation", "training", "serving", "interface"]
+SHELL = {"cli", "config", "__init__", "__main__"}
+
+
+def layer_of(module: str) -> str:
+    """'media/audio' -> 'media'; 'cli' -> 'interface'."""
+    return module.split("/")[0] if "/" in module else "interface"
+
+
+def modules() -> set[str]:
+    """Every module as its path under mdsgen/ without .py ('media/audio', 'cli'); a folder's __init__ is left out."""
+    return {str(p.relative_to(PACKAGE).with_suffix("")) for p in PACKAGE.rglob("*.py")
+            if p.parent == PACKAGE or p.name != "__init__.py"}
 
 
 def package_imports(path: Path) -> set[str]:
-    """The mdsgen modules `path` imports, at the top or inside a function."""
+    """The mdsgen modules `path` imports, at the top or inside a function ('media/audio', 'config')."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module == "mdsgen"):
-            found |= {a.name for a in node.names} if node.module in (None, "mdsgen") else {node.module.split(".")[0]}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mdsgen."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import (the package imports absolutely: from mdsgen.LAYER.MODULE)")
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mdsgen":
+            parts = node.module.split(".")[1:]
+            if len(parts) == 2 or parts and parts[0] in SHELL:
+                found.add("/".join(parts))
+            else:  # from mdsgen.LAYER import MODULE, or from mdsgen import MODULE
+                found |= {"/".join([*parts, a.name]) for a in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("mdsgen.")}
+            found |= {"/".join(a.name.split(".")[1:]) for a in node.names if a.name.startswith("mdsgen.")}
     return found
 
 
 def test_every_module_has_a_layer():
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    assert modules - set(LEVEL) == set(), "add new modules to LAYERS"
-    assert set(LEVEL) - modules == set(), "LAYERS names modules that do not exist"
+    assert {layer_of(m) for m in modules()} <= set(LAYERS)
+    assert {m for m in modules() if "/" not in m} == SHELL, "new modules go into a layer's folder"
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(LAYERS) - {"interface"}, "LAYERS names the folders of mdsgen/, bottom to top"
 
 
 def test_modules_import_only_their_layer_and_below():
-    upward = [f"{p.stem} ({LAYERS[LEVEL[p.stem]][0]}) imports {name} ({LAYERS[LEVEL[name]][0]})"
-              for p in sorted(PACKAGE.glob("*.py")) for name in sorted(package_imports(p))
-              if LEVEL[name] > LEVEL[p.stem]]
-    assert upward == []
+    known = modules()
+    upward, unknown = [], []
+    for module in sorted(known):
+        for name in sorted(package_imports(PACKAGE / f"{module}.py")):
+            if name not in known:
+                unknown.append(f"{module} imports {name}")
+            elif LAYERS.index(layer_of(name)) > LAYERS.index(layer_of(module)):
+                upward.append(f"{module} imports {name}")
+    assert unknown == [] and upward == []
 
 
 def test_the_import_rule_sees_an_upward_import(tmp_path):  # the test above could not fail if it did not
     module = tmp_path / "metrics.py"
-    module.write_text("def f():\n    from .train import fit\n")
-    assert LEVEL["train"] > LEVEL["metrics"] and package_imports(module) == {"train"}
+    module.write_text("def f():\n    from mdsgen.training.train import fit\n    from mdsgen.media import audio\n")
+    assert package_imports(module) == {"training/train", "media/audio"}
+    assert LAYERS.index(layer_of("training/train")) > LAYERS.index(layer_of("evaluation/metrics"))
+    module.write_text("from .train import fit\n")
+    with pytest.raises(AssertionError, match="relative import"):
+        package_imports(module)
 
 BLOCK_HEAVY = """
 import sys
@@ -67,10 +85,11 @@ def run_blocked(code: str) -> subprocess.CompletedProcess:
 
 
 # what each DVC stage runs (cli.py and config.py are the shell around it; params.yaml is tracked as params)
-STAGE_ENTRIES = {"dataset": {"dataset"}, "features": {"features"}, "train_vae": {"vae_train", "vae"},
-                 "encode": {"features", "vae"}, "train_align": {"align"}, "train": {"train"},
-                 "evaluate": {"evaluate"}, "reference": {"monitoring"}, "register": {"registry"}}
-SHELL = {"cli", "config", "__init__", "__main__"}
+STAGE_ENTRIES = {"dataset": {"data/dataset"}, "features": {"data/features"},
+                 "train_vae": {"training/vae_train", "model/vae"}, "encode": {"data/features", "model/vae"},
+                 "train_align": {"evaluation/align"}, "train": {"training/train"},
+                 "evaluate": {"evaluation/evaluate"}, "reference": {"serving/monitoring"},
+                 "register": {"evaluation/registry"}}
 
 
 def closure(modules: set[str]) -> set[str]:
@@ -89,12 +108,12 @@ def test_every_dvc_stage_depends_on_all_the_code_it_runs():
     stages = yaml.safe_load((PACKAGE.parent / "dvc.yaml").read_text())["stages"]
     assert set(stages) == set(STAGE_ENTRIES)
     for name, stage in stages.items():
-        code = {Path(d).stem for d in stage["deps"] if d.startswith("mdsgen/")}
+        code = {d.removeprefix("mdsgen/").removesuffix(".py") for d in stage["deps"] if d.startswith("mdsgen/")}
         assert code == closure(STAGE_ENTRIES[name]), (name, sorted(closure(STAGE_ENTRIES[name]) ^ code))
 
 
 def test_the_client_imports_without_torch():
-    proc = run_blocked("from mdsgen.client import SoundtrackClient, client_files\nprint('ok')")
+    proc = run_blocked("from mdsgen.serving.client import SoundtrackClient, client_files\nprint('ok')")
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
@@ -105,5 +124,5 @@ def test_the_client_command_runs_without_torch():
 
 
 def test_the_blocker_blocks():  # the two tests above could not fail if it did not
-    proc = run_blocked("import mdsgen.generate")
+    proc = run_blocked("import mdsgen.inference.generate")
     assert proc.returncode != 0 and "torch is blocked" in proc.stderr

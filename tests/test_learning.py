@@ -3,13 +3,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mdsgen.audio import AudioConfig, fit_length, load_audio, wave_to_mel
-from mdsgen.diffusion import SamplingConfig, sample
-from mdsgen.encoders import EfficientNetLite0Encoder
-from mdsgen.model import MDSGen, MDSGenConfig
-from mdsgen.samples import tuxpaint_stamp
-from mdsgen.train import TrainConfig, fit
-from mdsgen.vae import MelVAE
+from mdsgen.media.audio import AudioConfig, fit_length, load_audio, wave_to_mel
+from mdsgen.model.diffusion import SamplingConfig, sample
+from mdsgen.model.encoders import EfficientNetLite0Encoder
+from mdsgen.model.network import MDSGen, MDSGenConfig
+from mdsgen.base.samples import tuxpaint_stamp
+from mdsgen.training.train import TrainConfig, fit
+from mdsgen.model.vae import MelVAE
 
 CLIPS = ["animals/mammals/badger", "household/kettle", "animals/mammals/elephant"]
 
@@ -104,7 +104,7 @@ def train_demo_recipe(latents, features, cfg_dropout: float, seed: int = 0) -> M
 
 def diagnostics_of(model, latents, features, seed: int = 7):
     from mdsgen.config import EVALUATE_DEFAULTS
-    from mdsgen.evaluate import diagnose
+    from mdsgen.evaluation.evaluate import diagnose
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     samples = sample(model, features, SamplingConfig(steps=25, cfg_scale=2.0, solver="ddim"), noise=noise)

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from mdsgen.align import AlignConfig, AlignmentClassifier, negatives
-from mdsgen.evaluate import nearest_training_clips, shuffled_partners
-from mdsgen.metrics import (SoundNet, class_agreement, frechet_distance, inception_score, onset_sync,
+from mdsgen.evaluation.align import AlignConfig, AlignmentClassifier, negatives
+from mdsgen.evaluation.evaluate import nearest_training_clips, shuffled_partners
+from mdsgen.evaluation.metrics import (SoundNet, class_agreement, frechet_distance, inception_score, onset_sync,
                             paired_kl)
-from mdsgen.registry import gate_decision
+from mdsgen.evaluation.registry import gate_decision
 
 SR = 16000
 
@@ -53,7 +53,7 @@ def test_onset_sync_rewards_timing_and_punishes_shifts_and_noise():
 
 
 def test_sound_net_tells_real_sounds_apart(badger):
-    from mdsgen.audio import load_audio
+    from mdsgen.media.audio import load_audio
 
     wave = load_audio(badger[1], SR)
     net = SoundNet()
@@ -100,7 +100,7 @@ def test_alignment_negatives_and_classifier_shapes():
 
 
 def test_onset_auc_rewards_sound_at_the_true_onsets_and_not_noise():
-    from mdsgen.metrics import onset_auc
+    from mdsgen.evaluation.metrics import onset_auc
 
     rate, truth = 16000, np.array([1.0, 3.5, 6.0])
     rng = np.random.default_rng(0)
@@ -116,8 +116,8 @@ def test_onset_auc_rewards_sound_at_the_true_onsets_and_not_noise():
 
 
 def test_the_object_probe_tells_objects_apart_and_noise_from_both():
-    from mdsgen.audio import AudioConfig
-    from mdsgen.metrics import ObjectProbe
+    from mdsgen.media.audio import AudioConfig
+    from mdsgen.evaluation.metrics import ObjectProbe
 
     audio = AudioConfig()
     rng = np.random.default_rng(0)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mdsgen.diffusion import training_loss
-from mdsgen.model import MDSGen, MDSGenConfig, PAPER_PARAMS, SIZES, config_for
+from mdsgen.model.diffusion import training_loss
+from mdsgen.model.network import MDSGen, MDSGenConfig, PAPER_PARAMS, SIZES, config_for
 
 
 def tiny(**overrides) -> MDSGen:
@@ -156,7 +156,7 @@ def test_frame_tokens_start_as_the_paper_model_and_put_each_frame_on_its_column(
 
 
 def test_inference_reuses_the_position_bias_until_the_weights_change():
-    from mdsgen.model import MDSGen, RelativePositionBias, config_for
+    from mdsgen.model.network import MDSGen, RelativePositionBias, config_for
 
     torch.manual_seed(0)
     model = MDSGen(config_for("T", feature_dim=64)).eval()

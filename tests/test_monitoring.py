@@ -17,7 +17,7 @@ def record(i: int, when: datetime) -> dict:
 
 
 def test_record_log_survives_a_cut_last_line(tmp_path):
-    from mdsgen.monitoring import RecordLog, read_records
+    from mdsgen.serving.monitoring import RecordLog, read_records
 
     now = datetime.now(timezone.utc)
     log = RecordLog(tmp_path / "records")
@@ -39,7 +39,7 @@ def test_record_log_survives_a_cut_last_line(tmp_path):
 
 
 def test_record_log_on_s3(s3_server):
-    from mdsgen.monitoring import RecordLog, read_records
+    from mdsgen.serving.monitoring import RecordLog, read_records
 
     now = datetime.now(timezone.utc)
     log = RecordLog(f"{s3_server}/records", flush_every=2)
@@ -56,7 +56,7 @@ def test_a_quiet_server_flushes_its_records_and_the_queue_is_bounded_by_bytes(s3
 
     import numpy as np
     import torch
-    from mdsgen.monitoring import Recorder, RecordLog, read_records
+    from mdsgen.serving.monitoring import Recorder, RecordLog, read_records
 
     log = RecordLog(f"{s3_server}/quiet", flush_every=32, flush_seconds=0.5)
     recorder = Recorder(log, None, "mdsgen", "1", max_queue_bytes=4 << 20)
@@ -73,7 +73,7 @@ def test_a_quiet_server_flushes_its_records_and_the_queue_is_bounded_by_bytes(s3
 
 
 def test_since_accepts_durations_and_times():
-    from mdsgen.monitoring import parse_since
+    from mdsgen.serving.monitoring import parse_since
 
     now = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
     assert parse_since("30m", now) == now - timedelta(minutes=30)
@@ -113,7 +113,7 @@ ALERT_SHARE = "0.25"
 
 def serve_and_monitor(repo, env, videos, work) -> tuple:
     """Serve the champion, send every video through the client, stop, then `mdsgen monitor`."""
-    from mdsgen.monitoring import wait_for_records
+    from mdsgen.serving.monitoring import wait_for_records
 
     state, records = work / "serving", work / "records"
     mdsgen(["serve", "--ports", "0", "0", "0", "--state-dir", str(state), "--monitor-log", str(records)], repo, env)
@@ -132,8 +132,8 @@ def serve_and_monitor(repo, env, videos, work) -> tuple:
 def test_the_registered_model_carries_its_reference(ci_repo, pipeline_env):
     import mlflow
 
-    from mdsgen.monitoring import REFERENCE_FILE, SUMMARIZER_FILE
-    from mdsgen.registry import resolve_checkpoint
+    from mdsgen.serving.monitoring import REFERENCE_FILE, SUMMARIZER_FILE
+    from mdsgen.evaluation.registry import resolve_checkpoint
 
     repo, _ = ci_repo
     rows = (repo / "models" / "reference" / REFERENCE_FILE).read_text().splitlines()

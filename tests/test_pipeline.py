@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from mdsgen.config import load_params
-from mdsgen.evaluate import SYSTEMS, TABLE_METRICS
+from mdsgen.evaluation.evaluate import SYSTEMS, TABLE_METRICS
 from procs import run
 
 
@@ -134,7 +134,7 @@ def test_the_gate_refuses_a_better_looking_challenger_that_fails_diagnostics_or_
 
 
 def test_a_promotion_never_overwrites_a_champion_that_moved_while_it_decided(mlflow_server, monkeypatch):
-    from mdsgen import registry
+    from mdsgen.evaluation import registry
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     registry_client = client(mlflow_server)

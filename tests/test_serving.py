@@ -22,7 +22,7 @@ def mdsgen(*args, cwd=ROOT, env=None, check=True):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, untrained_checkpoint):
     """`mdsgen serve` on free ports with the untrained T checkpoint as version 1."""
-    from mdsgen.serving import load_state
+    from mdsgen.serving.server import load_state
 
     state = tmp_path_factory.mktemp("serving")
     out = mdsgen("serve", "--model", str(untrained_checkpoint), "--ports", "0", "0", "0", "--state-dir", str(state),
@@ -36,7 +36,7 @@ def server(tmp_path_factory, untrained_checkpoint):
 
 @pytest.fixture
 def client(server):
-    from mdsgen.client import SoundtrackClient
+    from mdsgen.serving.client import SoundtrackClient
 
     c = SoundtrackClient(server[0].grpc)
     yield c
@@ -63,8 +63,8 @@ def test_model_configs_agree_and_hold_no_host_paths():
 
 
 def test_same_seed_as_generate(server, client, untrained_checkpoint, bigbuckbunny):
-    from mdsgen.diffusion import SamplingConfig
-    from mdsgen.generate import VideoToAudio
+    from mdsgen.model.diffusion import SamplingConfig
+    from mdsgen.inference.generate import VideoToAudio
 
     local = VideoToAudio(str(untrained_checkpoint))
     sampling = SamplingConfig(steps=STEPS)
@@ -81,7 +81,7 @@ def test_same_seed_as_generate(server, client, untrained_checkpoint, bigbuckbunn
                                       steps=STEPS, seed=5)
     np.testing.assert_allclose(from_features.wave, want.wave, atol=1e-4 * np.abs(want.wave).max())
     # each request left a record; without a reference the input summary has no principal components
-    from mdsgen.monitoring import wait_for_records
+    from mdsgen.serving.monitoring import wait_for_records
 
     records = wait_for_records(str(server[1] / "records"), 3)
     assert len(records) >= 3 and {r["model_version"] for r in records} == {"1"}
@@ -90,8 +90,8 @@ def test_same_seed_as_generate(server, client, untrained_checkpoint, bigbuckbunn
 
 
 def test_long_video_windows_on_the_server(server, client, untrained_checkpoint, video_20s):
-    from mdsgen.diffusion import SamplingConfig
-    from mdsgen.generate import VideoToAudio
+    from mdsgen.model.diffusion import SamplingConfig
+    from mdsgen.inference.generate import VideoToAudio
 
     want = VideoToAudio(str(untrained_checkpoint)).soundtrack(video_20s, SamplingConfig(steps=STEPS), seed=1)
     assert want.windows == 3
@@ -104,7 +104,7 @@ def test_bad_requests_are_named_and_the_server_keeps_serving(server, client, big
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from mdsgen.client import SoundtrackClient
+    from mdsgen.serving.client import SoundtrackClient
 
     def error_of(**request) -> str:
         with pytest.raises(InferenceServerException) as err:
@@ -161,8 +161,8 @@ def _settled_batch_sizes(server, since: dict[int, int], items: int, timeout: flo
 
 
 def test_concurrent_requests_are_batched_and_unchanged(server, client, untrained_checkpoint, bigbuckbunny):
-    from mdsgen.client import SoundtrackClient
-    from mdsgen.generate import VideoToAudio
+    from mdsgen.serving.client import SoundtrackClient
+    from mdsgen.inference.generate import VideoToAudio
 
     local = VideoToAudio(str(untrained_checkpoint))
     features = local.features(local.read(bigbuckbunny)).numpy()
@@ -246,10 +246,10 @@ def test_the_app_finds_the_server_and_sends_it_the_variations(server, tmp_path, 
 
 
 def test_reload_keeps_in_flight_requests(server, client, bigbuckbunny, tmp_path):
-    from mdsgen.checkpoint import init_checkpoint, save_checkpoint
-    from mdsgen.client import SoundtrackClient
+    from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint
+    from mdsgen.serving.client import SoundtrackClient
     from mdsgen.config import Params
-    from mdsgen.serving import load_state
+    from mdsgen.serving.server import load_state
 
     other = tmp_path / "other"
     save_checkpoint(init_checkpoint(Params(), seed=1), str(other))
@@ -279,8 +279,8 @@ def test_reload_keeps_in_flight_requests(server, client, bigbuckbunny, tmp_path)
 def test_serve_refuses_a_second_server_and_stops_cleanly(tmp_path, untrained_checkpoint, bigbuckbunny):
     import os
 
-    from mdsgen.client import SoundtrackClient
-    from mdsgen.serving import load_state
+    from mdsgen.serving.client import SoundtrackClient
+    from mdsgen.serving.server import load_state
 
     state = tmp_path / "serving"
     mdsgen("serve", "--model", str(untrained_checkpoint), "--ports", "0", "0", "0", "--state-dir", str(state),
@@ -315,8 +315,8 @@ def test_serve_the_champion(ci_repo, pipeline_env, bigbuckbunny, tmp_path):
     """The default model is the registry's champion; its registry version becomes the Triton version."""
     from mlflow import MlflowClient
 
-    from mdsgen.client import SoundtrackClient
-    from mdsgen.serving import load_state
+    from mdsgen.serving.client import SoundtrackClient
+    from mdsgen.serving.server import load_state
 
     repo, _ = ci_repo
     state = tmp_path / "serving"

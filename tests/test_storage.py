@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from mdsgen import storage
-from mdsgen.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
+from mdsgen.base import storage
+from mdsgen.model.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from mdsgen.config import Params
-from mdsgen.encoders import CAVPEncoder, build_frame_encoder
-from mdsgen.errors import CheckpointError
-from mdsgen.vae import MelVAE, load_vae
+from mdsgen.model.encoders import CAVPEncoder, build_frame_encoder
+from mdsgen.base.errors import CheckpointError
+from mdsgen.model.vae import MelVAE, load_vae
 
 
 def test_bytes_round_trip(s3_server, tmp_path):
@@ -171,7 +171,7 @@ def test_dataset_features_and_generation_through_s3(s3_server, tmp_path, untrain
 KILLED_SWAP = """
 import os, signal, sys
 from pathlib import Path
-from mdsgen import storage
+from mdsgen.base import storage
 
 renames = []
 real_replace = os.replace
@@ -227,7 +227,7 @@ def test_stale_half_copies_are_removed(tmp_path):
 
 KILLED_UPLOAD = """
 import os, signal, sys
-from mdsgen import storage
+from mdsgen.base import storage
 
 client = storage.s3_client()
 real_put = client.put_object

@@ -11,8 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mdsgen.train import roll_in_time
-from mdsgen.vae import MelVAE
+from mdsgen.training.train import roll_in_time
+from mdsgen.model.vae import MelVAE
 from procs import BIN, ROOT, run
 
 SMALL_MODEL = {"size": "T", "hidden_size": 64, "depth": 4, "num_heads": 2, "decoder_depth": 2}
@@ -121,8 +121,8 @@ def test_a_finished_state_is_not_retrained_and_a_new_recipe_starts_over(workdir,
 
 
 def test_an_unreadable_latest_state_falls_back_to_the_one_before(tmp_path, capsys):
-    from mdsgen.model import MDSGen, config_for
-    from mdsgen.train import Trainer, TrainConfig, load_train_state, save_train_state
+    from mdsgen.model.network import MDSGen, config_for
+    from mdsgen.training.train import Trainer, TrainConfig, load_train_state, save_train_state
 
     small = {k: v for k, v in SMALL_MODEL.items() if k != "size"}
     trainer = Trainer(MDSGen(config_for("T", **small)), TrainConfig(steps=2, ema_decay=0))

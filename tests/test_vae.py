@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mdsgen.vae import MelVAE, load_vae
+from mdsgen.model.vae import MelVAE, load_vae
 
 
 @pytest.mark.parametrize("name", ["small", "sd-v1"])

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from media import frame_level, make_audio_only, make_video, streams, two_frames
-from mdsgen.errors import MediaError
-from mdsgen.video import VideoConfig, read_video_windows, window_count
+from mdsgen.base.errors import MediaError
+from mdsgen.media.video import VideoConfig, read_video_windows, window_count
 
 
 def test_short_video_is_one_padded_window(bigbuckbunny):
@@ -84,7 +84,7 @@ def test_display_rotation_is_applied(tmp_path):
 
 
 def test_videos_that_cost_far_more_than_they_look_are_refused_before_the_work(tmp_path):
-    from mdsgen.video import ReadLimits
+    from mdsgen.media.video import ReadLimits
 
     jump = two_frames(tmp_path / "jump.mkv", 64, 64, 10 * 3600)  # 10 hours between two frames
     assert jump.stat().st_size < 10_000
@@ -103,7 +103,7 @@ def test_videos_that_cost_far_more_than_they_look_are_refused_before_the_work(tm
 
 def test_a_picture_is_a_still_scene_whatever_its_name(tmp_path):
     from PIL import Image
-    from mdsgen.video import mux_audio
+    from mdsgen.media.video import mux_audio
 
     picture = np.zeros((90, 121, 3), np.uint8)
     picture[:, 60:] = 200
@@ -127,7 +127,7 @@ def test_a_picture_is_a_still_scene_whatever_its_name(tmp_path):
 
 def test_trim_keeps_the_frames_shown_in_the_range(tmp_path):
     """Frame k of a trim from 1.0 s is the source frame shown at 1.0 + k / fps (frames told apart by grey level)."""
-    from mdsgen.video import trim_video
+    from mdsgen.media.video import trim_video
 
     source = make_video(tmp_path / "source.mkv", seconds=6.0, fps=10, codec="ffv1")
     trimmed = trim_video(source, 1.0, 2.5, tmp_path / "trimmed.mp4")

@@ -1,0 +1,1 @@
+"""The embedded dataset and the per-clip features the model trains on."""

@@ -1,0 +1,289 @@
+"""`mdsgen evaluate`: score a generator on the test split, beside references that give every number its
+context. Every system's audio is scored by the same code against the same real test recordings:
+
+    model                 the generator under test, from the clip's own video features
+    ground_truth_vae      the real latent through VAE decode and the vocoder: the ceiling of this codec
+    vocoder_only          the real mel straight into the vocoder: the VAE's loss is the gap to the row above
+    retrieval             the audio of the training clip with the nearest video features (cosine over all
+                          32 frames), through the same VAE and vocoder
+    model_shuffled_video  the generator fed another clip's video (a different label where possible): sync
+                          and class should fall to chance
+    real_audio            the recordings themselves: what the onset detector and the alignment
+                          classifier achieve on truth (its FD/KL are zero by construction)
+
+Metrics (mdsgen.evaluation.metrics): Frechet distance, paired KL, Inception-style score and top-1 class agreement
+on aisfx; object match (a spectrum classifier fit on the training split's recordings: does the clip
+sound like its own label's object); onset sync against the dataset's true event onsets; the share of
+(video, audio) pairs the alignment classifier judges aligned; and, for the model, parameters, seconds per clip and peak memory.
+
+Diagnostics that an audio metric cannot be fooled past (`diagnose`): the sampled latents' spread against
+the real ones, the conditioning gain (the unconditional prediction's error over the conditional one at a
+few t) and how much closer each sample is to its own clip's latent than to another clip's. `checks` in
+params.yaml's `evaluate` section sets their bounds; a model that fails one is never promoted.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdsgen.evaluation.align import AlignmentClassifier
+from mdsgen.media.audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel
+from mdsgen.model.checkpoint import Checkpoint
+from mdsgen.model.diffusion import conditioning_gain, sample
+from mdsgen.data.features import load_latents
+from mdsgen.evaluation.metrics import ObjectProbe, SoundNet, audio_scores, onset_sync
+from mdsgen.model.vae import MelStandardizer
+
+SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuffled_video", "real_audio")
+DIAGNOSTICS = ("latent_std_ratio", "latent_abs_max", "real_latent_abs_max", "conditioning_gain",
+               "own_vs_other_distance", "diagnostics_pass")
+TABLE_METRICS = ("frechet_distance", "kl", "inception_score", "class_agreement", "object_match",
+                 "onset_median_error_ms", "onset_recall", "onset_precision", "onset_f1", "onset_auc", "align_aligned_share")
+LOWER_IS_BETTER = {"frechet_distance", "kl", "onset_median_error_ms"}
+
+
+def shuffled_partners(labels: list[str], seed: int) -> list[int]:
+    """For each clip, another clip to borrow the video from: one with a different label where possible."""
+    rng = np.random.default_rng(seed)
+    partners = []
+    for i, label in enumerate(labels):
+        others = [j for j, other in enumerate(labels) if other != label] or [j for j in range(len(labels)) if j != i]
+        partners.append(int(rng.choice(others)) if others else i)
+    return partners
+
+
+def nearest_training_clips(test_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
+    def unit(x):
+        flat = x.flatten(1).double()
+        return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    return (unit(test_features) @ unit(train_features).T).argmax(1)
+
+
+def diagnose(model, samples: torch.Tensor, real: torch.Tensor, features: torch.Tensor,
+             partners: list[int], checks: dict | None, device: str = "cpu") -> dict:
+    """Sample statistics against the real latents, conditioning gain, own-vs-other distance, and the
+    verdict of `checks` ({latent_std_ratio: [lo, hi], min_conditioning_gain, max_own_vs_other}; None: no
+    verdict is enforced, `diagnostics_pass` is then 1)."""
+    own = (samples - real).pow(2).flatten(1).mean(1)
+    other = (samples - real[partners]).pow(2).flatten(1).mean(1)
+    gains = conditioning_gain(model, real.to(device), features.to(device))
+    out = {"latent_std_ratio": (samples.std() / real.std()).item(), "latent_abs_max": samples.abs().max().item(),
+           "real_latent_abs_max": real.abs().max().item(),
+           "conditioning_gain": float(np.mean([g["gain"] for g in gains.values()])),
+           **{f"conditioning_gain_t{t}": g["gain"] for t, g in gains.items()},
+           "own_vs_other_distance": (own.mean() / other.mean()).item()}
+    failures = []
+    if checks:
+        lo, hi = checks.get("latent_std_ratio", (0.0, float("inf")))
+        if not lo <= out["latent_std_ratio"] <= hi:
+            failures.append(f"latent_std_ratio {out['latent_std_ratio']:.3f} outside [{lo}, {hi}]")
+        if out["conditioning_gain"] < checks.get("min_conditioning_gain", 0.0):
+            failures.append(f"conditioning_gain {out['conditioning_gain']:.3f} < {checks['min_conditioning_gain']}")
+        if out["own_vs_other_distance"] > checks.get("max_own_vs_other", float("inf")):
+            failures.append(f"own_vs_other_distance {out['own_vs_other_distance']:.3f} > {checks['max_own_vs_other']}")
+        nonfinite = [k for k, v in out.items() if not np.isfinite(v)]
+        failures += [f"{k} is not finite" for k in nonfinite]
+    out["diagnostics_pass"] = float(not failures)
+    out["diagnostics_failures"] = "; ".join(failures)
+    return out
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Systems:
+    """Latents -> waves through the checkpoint's VAE and vocoder, in batches."""
+
+    def __init__(self, ckpt: Checkpoint, device: str, batch_size: int):
+        self.ckpt, self.device, self.batch_size = ckpt, device, batch_size
+
+    @torch.no_grad()
+    def waves(self, latents: torch.Tensor) -> list[np.ndarray]:
+        out = []
+        for part in latents.split(self.batch_size):
+            mels = self.ckpt.vae.decode(part.to(self.device)).float().cpu()
+            out.extend(vocode(mels, self.ckpt.audio).numpy())
+        return out
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, noise: torch.Tensor, sampling) -> torch.Tensor:
+        return torch.cat([sample(self.ckpt.model, f.to(self.device), sampling, noise=n).float().cpu()
+                          for f, n in zip(features.split(self.batch_size), noise.split(self.batch_size))])
+
+
+class TestSet:
+    """The test clips and what scoring any system on them needs, computed once: frame features, true
+    onsets, the real recordings and aisfx's outputs for them, the alignment classifier."""
+
+    def __init__(self, dataset_dir, latents_dir, align_dir, audio_cfg, clips: int | None = None,
+                 device: str = "cpu"):
+        test = load_latents(latents_dir, "test")
+        n = min(clips or len(test["clip_ids"]), len(test["clip_ids"]))
+        self.audio_cfg, self.n = audio_cfg, n
+        self.ids, self.labels = test["clip_ids"][:n], test["labels"][:n]
+        self.features, self.latents = test["features"][:n], test["latents"][:n]
+        onsets_path = Path(dataset_dir) / "onsets.json"
+        all_onsets = json.loads(onsets_path.read_text()) if onsets_path.is_file() else {}
+        self.timed = [i for i, cid in enumerate(self.ids) if cid in all_onsets]
+        self.onsets = [all_onsets[self.ids[i]] for i in self.timed]
+        self.real = self._recordings(dataset_dir, self.ids)
+        self.net = SoundNet(device)
+        self.align = AlignmentClassifier.load(align_dir)
+        self.real_sound = self.net(self.real, audio_cfg.sample_rate)
+        self.objects = self._object_probe(dataset_dir, latents_dir)
+
+    def _object_probe(self, dataset_dir, latents_dir) -> ObjectProbe | None:
+        """Fit on the training split's real recordings; None when it has fewer than two labels."""
+        train = load_latents(latents_dir, "train")
+        if len(set(train["labels"])) < 2:
+            return None
+        return ObjectProbe(self._recordings(dataset_dir, train["clip_ids"]), train["labels"], self.audio_cfg)
+
+    def _recordings(self, dataset_dir, clip_ids) -> list[np.ndarray]:
+        cfg = self.audio_cfg
+        return [fit_length(load_audio(Path(dataset_dir) / "clips" / f"{cid}.mp4", cfg.sample_rate), cfg.clip_samples)
+                for cid in clip_ids]
+
+    def noise(self, seed: int) -> torch.Tensor:
+        return torch.randn((self.n, *self.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
+
+    def score(self, waves: list[np.ndarray], real: bool = False) -> dict:
+        """Audio, onset-sync and alignment metrics of one system's waves (one per test clip)."""
+        rate = self.audio_cfg.sample_rate
+        sound = self.real_sound if real else self.net(waves, rate)
+        scores = audio_scores(self.real_sound, sound)
+        if self.objects is not None:
+            scores["object_match"] = self.objects.match(waves, self.labels)
+        if self.timed:
+            scores.update(onset_sync([waves[i] for i in self.timed], rate, self.onsets))
+        scores["align_aligned_share"] = self.align.aligned_share(self.features,
+                                                                 wave_to_mel(np.stack(waves), self.audio_cfg))
+        return scores
+
+
+def generate_model_waves(ckpt: Checkpoint, tests: TestSet, sampling, seed: int, device: str,
+                         batch_size: int) -> tuple[torch.Tensor, list[np.ndarray], dict]:
+    """The generator's latents and waves for every test clip, and what they cost (seconds per clip, peak
+    memory)."""
+    systems = Systems(ckpt, device, batch_size)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    latents = systems.generate(tests.features, tests.noise(seed), sampling)
+    denoise_seconds = time.perf_counter() - start
+    waves = systems.waves(latents)
+    total_seconds = time.perf_counter() - start
+    return latents, waves, {"params_inference": ckpt.model.parameter_counts()["inference"],
+                   "denoise_seconds_per_clip": denoise_seconds / tests.n, "seconds_per_clip": total_seconds / tests.n,
+                   "peak_memory_mb": peak_memory_mb(device), "sampling_steps": sampling.steps,
+                   "cfg_scale": sampling.cfg_scale, "device": device}
+
+
+def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: dict, sampling=None,
+             device: str = "cpu") -> dict:
+    """All systems' metrics on the test split, plus the data the report draws from."""
+    sampling = sampling or ckpt.sampling
+    tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.get("clips"), device)
+    train = load_latents(latents_dir, "train")
+    systems = Systems(ckpt, device, settings["batch_size"])
+    latents, model_waves, efficiency = generate_model_waves(ckpt, tests, sampling, settings["seed"], device,
+                                                            settings["batch_size"])
+    waves = {"model": model_waves}
+    partners = shuffled_partners(tests.labels, settings["seed"])
+    diagnostics = diagnose(ckpt.model, latents, tests.latents, tests.features, partners, settings.get("checks"), device)
+    waves["model_shuffled_video"] = systems.waves(systems.generate(tests.features[partners],
+                                                                   tests.noise(settings["seed"]), sampling))
+    waves["ground_truth_vae"] = systems.waves(tests.latents)
+    if isinstance(ckpt.vae, MelStandardizer):  # no VAE: the row above already is the mel through the vocoder
+        waves["vocoder_only"] = waves["ground_truth_vae"]
+    else:
+        real_mels = wave_to_mel(np.stack(tests.real), ckpt.audio)
+        waves["vocoder_only"] = [w for part in real_mels.split(settings["batch_size"])
+                                 for w in vocode(part.to(device), ckpt.audio).cpu().numpy()]
+    nearest = nearest_training_clips(tests.features, train["features"])
+    waves["retrieval"] = systems.waves(train["latents"][nearest])
+    waves["real_audio"] = tests.real
+
+    results = {name: tests.score(waves[name], real=name == "real_audio") for name in SYSTEMS}
+    results["model"].update(efficiency)
+    results["model"].update({k: v for k, v in diagnostics.items() if k != "diagnostics_failures"})
+    retrieval_labels = [train["labels"][i] for i in nearest.tolist()]
+    return {"systems": results, "clips": tests.n, "clips_with_onsets": len(tests.timed),
+            "retrieval_label_match": float(np.mean([a == b for a, b in zip(retrieval_labels, tests.labels)])),
+            "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "cfg_power": sampling.cfg_power,
+                         "solver": sampling.solver},
+            "audio": asdict(ckpt.audio),
+            "seed": settings["seed"], "clip_ids": tests.ids,
+            "diagnostics_failures": diagnostics["diagnostics_failures"], "waves": waves, "sample_rate": ckpt.audio.sample_rate}
+
+
+def markdown_table(result: dict) -> str:
+    systems = result["systems"]
+    metrics = [m for m in TABLE_METRICS if any(m in s for s in systems.values())]
+    lines = [f"Test split: {result['clips']} clips ({result['clips_with_onsets']} with known onsets); "
+             f"{result['sampling']['steps']} {result['sampling'].get('solver', 'dpmsolver++')} steps, "
+             f"CFG {result['sampling']['cfg_scale']}, "
+             f"seed {result['seed']}. Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER)) + ".", "",
+             "| system | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, scores in systems.items():
+        cells = [f"{scores[m]:.3f}" if isinstance(scores.get(m), float) else "-" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    e = systems["model"]
+    lines += ["", f"Model: {e['params_inference'] / 1e6:.2f}M parameters; {e['seconds_per_clip']:.2f} s per clip "
+              f"({e['denoise_seconds_per_clip']:.2f} s denoising) on {e['device']}; peak memory "
+              f"{e['peak_memory_mb']:.0f} MB."]
+    if "latent_std_ratio" in e:
+        gains = ", ".join(f"t={k.rsplit('t', 1)[1]} {v:.3f}" for k, v in e.items() if k.startswith("conditioning_gain_t"))
+        verdict = "pass" if e["diagnostics_pass"] else f"FAIL ({result.get('diagnostics_failures')})"
+        lines += ["", f"Diagnostics ({verdict}): sampled latent std {e['latent_std_ratio']:.3f}x the real "
+                  f"(abs max {e['latent_abs_max']:.2f} vs {e['real_latent_abs_max']:.2f}); conditioning gain "
+                  f"(unconditional / conditional prediction error) {gains}; sample-to-own-latent over "
+                  f"sample-to-other-clip distance {e['own_vs_other_distance']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, out_dir, mel_clips: int = 4) -> dict:
+    """metrics.json, table.md, metrics.png (bars per metric), mels.png (a few clips, every system) and
+    WAVs of those clips; returns the summary (everything but the waves)."""
+    from mdsgen.media.files import write_wav
+    from mdsgen.media.plots import mel_grid, metric_bars
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in result.items() if k != "waves"}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.md").write_text(markdown_table(result))
+    metric_bars(result["systems"], [m for m in TABLE_METRICS if m in result["systems"]["model"]], out / "metrics.png")
+    rows, audio = [], AudioConfig(**result["audio"])
+    for i, cid in enumerate(result["clip_ids"][:mel_clips]):
+        mels = [(wave_to_mel(result["waves"][name][i], audio), name)
+                for name in ("real_audio", "ground_truth_vae", "model", "retrieval")]
+        rows.append((cid, mels))
+        for name in ("model", "real_audio"):
+            write_wav(out / "audio" / f"{cid}_{name}.wav", result["waves"][name][i], result["sample_rate"])
+    mel_grid(rows, out / "mels.png")
+    return summary
+
+
+def log_to_mlflow(summary: dict, out_dir, run_id: str | None) -> str:
+    """Metrics of the model as `test_<metric>`, references as `ref_<system>_<metric>`, plus the report files;
+    into the training run when its id is known, else a new evaluation run."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "evaluate") as run:
+        for name, scores in summary["systems"].items():
+            prefix = "test_" if name == "model" else f"ref_{name}_"
+            mlflow.log_metrics({prefix + k: float(v) for k, v in scores.items()
+                                if isinstance(v, (int, float)) and np.isfinite(v)})
+        mlflow.log_artifacts(str(out_dir), "evaluation")
+        return run.info.run_id

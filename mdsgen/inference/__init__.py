@@ -1,0 +1,1 @@
+"""Video to soundtrack: the one path that generate, evaluation, training samples and serving call."""

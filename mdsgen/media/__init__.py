@@ -1,0 +1,1 @@
+"""Audio and video: mel format, vocoders, video decoding, output files, pictures."""

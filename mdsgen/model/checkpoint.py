@@ -1,0 +1,109 @@
+"""Checkpoints: a folder (local or an S3 prefix) that rebuilds a generator without running code.
+
+    config.json          model, frame encoder, audio, video and sampling settings
+    model.safetensors    denoiser weights
+    vae/                 the mel VAE as a diffusers folder (safetensors) + mdsgen.json
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mdsgen.base import storage
+from mdsgen.media.audio import AudioConfig
+from mdsgen.model.diffusion import SamplingConfig
+from mdsgen.base.errors import CheckpointError, describe
+from mdsgen.model.network import MDSGen, MDSGenConfig
+from mdsgen.model.vae import MelVAE, load_vae
+from mdsgen.media.video import VideoConfig
+
+FORMAT = "mdsgen-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model: MDSGen
+    vae: MelVAE
+    frame_encoder: dict
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def config(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "model": self.model.config.to_dict(),
+                "frame_encoder": self.frame_encoder, "audio": asdict(self.audio),
+                "video": asdict(self.video), "sampling": asdict(self.sampling)}
+
+
+def save_checkpoint(ckpt: Checkpoint, uri: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "config.json").write_text(json.dumps(ckpt.config(), indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
+        save_file(state, str(Path(tmp, "model.safetensors")))
+        ckpt.vae.save(str(Path(tmp, "vae")))
+        storage.upload_dir(tmp, uri)
+
+
+def load_checkpoint(uri: str, device: str = "cpu") -> Checkpoint:
+    try:
+        folder = storage.local_dir(uri)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{uri}: no checkpoint there ({err})") from err
+    for part in ("config.json", "model.safetensors", "vae"):
+        if not (folder / part).exists():
+            raise CheckpointError(f"{uri}: not an mdsgen checkpoint (missing {part})")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{uri}: config.json is not valid JSON ({err})") from err
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        raise CheckpointError(f"{uri}: format {config.get('format')!r} version {config.get('version')!r}, "
+                              f"expected {FORMAT!r} version {VERSION}")
+    try:
+        model = MDSGen(MDSGenConfig(**config["model"]))
+        settings = dict(frame_encoder=config["frame_encoder"], audio=AudioConfig(**config["audio"]),
+                        video=VideoConfig(**config["video"]), sampling=SamplingConfig(**config["sampling"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{uri}: config.json does not describe this version's model ({err})") from err
+    try:
+        weights = load_file(str(folder / "model.safetensors"))
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        raise CheckpointError(f"{uri}: model.safetensors is not a readable safetensors file ({err})") from err
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{uri}: weights do not match its config ({str(err).splitlines()[0]})") from err
+    try:
+        vae = load_vae(str(folder / "vae"))
+    except Exception as err:
+        raise CheckpointError(f"{uri}: the VAE in vae/ cannot be loaded ({describe(err)})") from err
+    return Checkpoint(model=model.to(device).eval(), vae=vae.to(device), **settings)
+
+
+def init_checkpoint(params, seed: int = 0) -> Checkpoint:
+    """A generator with freshly initialised (untrained) denoiser weights, built from `params`
+    (a config.Params): the configured frame encoder, and the VAE from `vae.path` or a new `vae.config`."""
+    from mdsgen.model.encoders import build_frame_encoder
+    from mdsgen.model.network import config_for
+
+    model_args = dict(params.model)
+    size = model_args.pop("size")
+    encoder = build_frame_encoder(params.frame_encoder)
+    vae_args = dict(params.vae)
+    if vae_args.get("path"):
+        vae = load_vae(vae_args["path"], vae_args.get("decode_channel"))
+    else:
+        vae = MelVAE.from_config(vae_args.get("config", "small"), vae_args.get("decode_channel", 1))
+    if model_args.get("time_axis", "width") == "width":  # the latent grid follows the mel and the VAE
+        model_args.setdefault("in_channels", vae.latent_channels)
+        model_args.setdefault("input_size", vae.latent_size(params.audio.n_mels, params.audio.mel_frames))
+    torch.manual_seed(seed)
+    model = MDSGen(config_for(size, feature_dim=encoder.feature_dim, **model_args))
+    return Checkpoint(model=model.eval(), vae=vae.eval(), frame_encoder=encoder.spec(), audio=params.audio,
+                      video=params.video, sampling=params.sampling)

@@ -1,0 +1,1 @@
+"""Triton serving, the gRPC client, monitoring, the MLflow pyfunc and the web page."""

@@ -1,0 +1,302 @@
+"""Serving with Triton Inference Server: write the model repository, run tritonserver, swap models.
+
+The repository is `serving/` (config.pbtxt, configs/, the model.py stub) plus one version folder per
+served registry version: `<repository>/mdsgen/<N>/{model.py, checkpoint/}`. Locally the tritonserver that
+the nvidia-pytriton wheel bundles runs it (same server as the NGC 24.10 container); production runs the
+same repository in that container (README: "Serve on Triton").
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mdsgen.base import storage
+from mdsgen.base.errors import ServingError
+from mdsgen.evaluation.registry import MONITORING_DIR
+
+MODEL_NAME = "mdsgen"
+CHECKPOINT_DIR = "checkpoint"  # inside the version folder
+MONITOR_LOG_ENV = "MDSGEN_MONITOR_LOG"  # where the model appends request records (a folder or s3:// prefix)
+TEMPLATE = Path(__file__).resolve().parents[2] / "serving"
+KEEP_VERSIONS = 2  # the served one and the one before (still draining its requests during a reload)
+
+
+@dataclass
+class Server:
+    """A running tritonserver, as `mdsgen serve` records it in <state_dir>/server.json."""
+    pid: int
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    repository: str
+    log: str
+    version: int
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def batch_sizes(self) -> dict[int, int]:
+        """Triton's statistics: how many batches of each size the model has run ({size: count})."""
+        with urllib.request.urlopen(f"{self.http}/v2/models/{MODEL_NAME}/stats") as response:
+            stats = json.load(response)["model_stats"]
+        return {b["batch_size"]: b["compute_infer"]["count"] for s in stats for b in s.get("batch_stats", [])}
+
+    def endpoints(self) -> str:
+        return (f"gRPC    {self.grpc}   (mdsgen client VIDEO --url {self.grpc})\n"
+                f"HTTP    {self.http}\nmetrics http://{self.host}:{self.metrics_port}/metrics\n"
+                f"model   {MODEL_NAME} version {self.version}  (repository {self.repository})\nlog     {self.log}")
+
+
+# --- the model repository ---------------------------------------------------------------------------
+
+def write_version(repository, checkpoint: str, version: int, template: Path = TEMPLATE,
+                  reference: str | None = None) -> Path:
+    """Add version `version` (a checkpoint folder, local or s3://, and optionally its monitoring reference)
+    to a local repository, with the template's config. The folder appears complete or not at all:
+    Triton may scan at any time."""
+    source = template / MODEL_NAME
+    if not (source / "config.pbtxt").is_file():
+        raise FileNotFoundError(f"{template}: no Triton model template ({MODEL_NAME}/config.pbtxt); it ships in "
+                                "the repository's serving/ folder: install from a checkout (pip install -e .)")
+    model_dir = Path(repository) / MODEL_NAME
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "config.pbtxt", model_dir / "config.pbtxt")
+    shutil.copytree(source / "configs", model_dir / "configs", dirs_exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".version-"))  # not a number: Triton ignores it
+    shutil.copyfile(source / "model.py", staging / "model.py")
+    shutil.copytree(storage.local_dir(checkpoint), staging / CHECKPOINT_DIR)
+    if reference:
+        shutil.copytree(storage.local_dir(reference), staging / CHECKPOINT_DIR / MONITORING_DIR, dirs_exist_ok=True)
+    target = model_dir / str(version)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def versions(repository) -> list[int]:
+    model_dir = Path(repository) / MODEL_NAME
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) if model_dir.is_dir() else []
+
+
+def prune_versions(repository, keep: int = KEEP_VERSIONS) -> None:
+    for old in versions(repository)[:-keep]:
+        shutil.rmtree(Path(repository) / MODEL_NAME / str(old))
+
+
+def export_repository(checkpoint: str, destination: str, version: int, template: Path = TEMPLATE,
+                      reference: str | None = None) -> None:
+    """A complete repository for a checkpoint at a local folder or an s3:// prefix (for the container)."""
+    with tempfile.TemporaryDirectory(prefix="mdsgen-repository-") as tmp:
+        write_version(tmp, checkpoint, version, template, reference)
+        storage.upload_dir(tmp, destination)
+
+
+def resolve_served_model(uri: str, repository=None) -> tuple[str, int]:
+    """(checkpoint folder, version number) for a registry URI (the registry's version number) or a
+    checkpoint folder (one more than the newest version in `repository`, 1 without one)."""
+    from mdsgen.evaluation.registry import resolve_checkpoint
+
+    if uri.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        name, _, ref = uri[len("models:/"):].partition("@")
+        if ref:
+            version = int(MlflowClient().get_model_version_by_alias(name, ref).version)
+        else:
+            name, _, number = uri[len("models:/"):].partition("/")
+            version = int(number)
+        return resolve_checkpoint(uri), version
+    return uri, ((versions(repository) if repository else []) or [0])[-1] + 1
+
+
+# --- the server process -----------------------------------------------------------------------------
+
+def _wheel_server() -> tuple[Path, Path]:
+    """tritonserver and its python backend from the nvidia-pytriton wheel (README, Serving)."""
+    try:
+        import pytriton
+    except ImportError as err:
+        raise ServingError("tritonserver not found: pip install nvidia-pytriton==0.7.0 (it bundles tritonserver)") from err
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    return root / "bin" / "tritonserver", root / "backends" / "python"
+
+
+def _backend_dir(state_dir: Path, python_backend: Path) -> Path:
+    """A backend folder whose python backend runs this interpreter's version of the stub."""
+    stub = python_backend.parents[1] / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    target = state_dir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(stub / "triton_python_backend_stub", target / "triton_python_backend_stub")
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        link = target / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(python_backend / name)
+    return target.parent
+
+
+def _server_env(monitor_log: str | None) -> dict:
+    """The stub must load this Python's libpython (LIBDIR) and find this environment's packages (PATH);
+    the model appends request records to `monitor_log` (none when empty)."""
+    import pytriton
+
+    libs = Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs"
+    env = dict(os.environ)
+    env.pop(MONITOR_LOG_ENV, None)
+    if monitor_log:
+        env[MONITOR_LOG_ENV] = monitor_log if storage.is_s3(monitor_log) else str(Path(monitor_log).resolve())
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH")) if p)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start(repository, state_dir, host: str = "127.0.0.1", ports: tuple[int, int, int] = (8000, 8001, 8002),
+          config_name: str | None = None, monitor_log: str | None = None, timeout: float = 300.0) -> Server:
+    """Start tritonserver on `repository` (explicit model control, the newest version of `mdsgen` loaded),
+    wait until the model is ready, record it in <state_dir>/server.json."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    current = load_state(state_dir)
+    if current is not None:
+        raise ServingError(f"a server is already running (pid {current.pid}, {current.grpc}): "
+                           f"`mdsgen serve --reload` swaps its model, `mdsgen serve --stop` stops it")
+    if not versions(repository):
+        raise FileNotFoundError(f"{repository}: no version of {MODEL_NAME} to serve")
+    ports = tuple(p or free_port(host) for p in ports)
+    busy = [str(p) for p in ports if not _port_free(host, p)]
+    if busy:
+        raise ServingError(f"port {', '.join(busy)} on {host} is taken: choose others with --ports")
+    binary, python_backend = _wheel_server()
+    command = [str(binary), f"--model-repository={Path(repository).resolve()}",
+               f"--backend-directory={_backend_dir(state_dir, python_backend)}",
+               "--model-control-mode=explicit", f"--load-model={MODEL_NAME}", "--strict-readiness=true",
+               f"--http-address={host}", f"--http-port={ports[0]}", f"--grpc-address={host}",
+               f"--grpc-port={ports[1]}", f"--metrics-address={host}", f"--metrics-port={ports[2]}",
+               "--allow-cpu-metrics=true", "--exit-timeout-secs=120"]
+    if config_name:
+        command.append(f"--model-config-name={config_name}")
+    log_path = state_dir / "tritonserver.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, env=_server_env(monitor_log), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    server = Server(process.pid, host, *ports, str(Path(repository).resolve()), str(log_path),
+                    versions(repository)[-1])
+    deadline = time.monotonic() + timeout
+    while _get(f"{server.http}/v2/models/{MODEL_NAME}/ready") != 200:
+        if process.poll() is not None or time.monotonic() > deadline:
+            _terminate(process.pid)
+            tail = "".join(Path(log_path).read_text(errors="replace").splitlines(True)[-15:])
+            raise ServingError(f"tritonserver did not become ready (see {log_path}):\n{tail}")
+        time.sleep(0.5)
+    (state_dir / "server.json").write_text(json.dumps(asdict(server), indent=2))
+    return server
+
+
+def load_state(state_dir) -> Server | None:
+    """The server recorded in <state_dir>, if its process is still alive (a stale record is removed)."""
+    path = Path(state_dir) / "server.json"
+    if not path.is_file():
+        return None
+    server = Server(**json.loads(path.read_text()))
+    try:
+        os.kill(server.pid, 0)
+    except ProcessLookupError:
+        path.unlink()
+        return None
+    return server
+
+
+def reload(server: Server, state_dir, checkpoint: str, version: int, reference: str | None = None,
+           timeout: float = 300.0) -> Server:
+    """Serve `checkpoint` as `version`. Triton loads the new version beside the old one, routes new
+    requests to it once ready, and unloads the old one after its in-flight requests finish."""
+    write_version(server.repository, checkpoint, version, reference=reference)
+    request = urllib.request.Request(f"{server.http}/v2/repository/models/{MODEL_NAME}/load", data=b"{}",
+                                     method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            pass
+    except urllib.error.HTTPError as err:
+        raise ServingError(f"tritonserver refused to load version {version}: {err.read().decode(errors='replace')}")
+    if _get(f"{server.http}/v2/models/{MODEL_NAME}/versions/{version}/ready") != 200:
+        raise ServingError(f"version {version} is not ready after the load (see {server.log})")
+    prune_versions(server.repository)
+    server.version = version
+    (Path(state_dir) / "server.json").write_text(json.dumps(asdict(server), indent=2))
+    return server
+
+
+def _terminate(pid: int, timeout: float = 150.0) -> None:
+    """SIGTERM: Triton stops taking requests, finishes the in-flight ones, then exits."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+
+
+def stop(state_dir) -> Server | None:
+    server = load_state(state_dir)
+    if server is not None:
+        _terminate(server.pid)
+        (Path(state_dir) / "server.json").unlink(missing_ok=True)
+    return server

@@ -1,0 +1,1 @@
+"""Training the generator and the VAE, and the ablation sweeps."""
