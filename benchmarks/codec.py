@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mdsgen.media.audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel  # noqa: E402
 from mdsgen.config import load_params  # noqa: E402
 from mdsgen.data.dataset import read_metadata  # noqa: E402
 from mdsgen.evaluation.metrics import SoundNet, audio_scores  # noqa: E402
+from mdsgen.media.audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel  # noqa: E402
 from mdsgen.model.vae import load_vae  # noqa: E402
 
 

@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mdsgen.serving import server as triton  # noqa: E402  (the tritonserver process and its model repository)
+from mdsgen.base.samples import bigbuckbunny  # noqa: E402
+from mdsgen.config import parse_params, resolve_params  # noqa: E402
+from mdsgen.inference.generate import VideoToAudio  # noqa: E402
+from mdsgen.media.files import list_inputs  # noqa: E402
 from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint  # noqa: E402
 from mdsgen.serving.client import SoundtrackClient  # noqa: E402
-from mdsgen.config import parse_params, resolve_params  # noqa: E402
-from mdsgen.media.files import list_inputs  # noqa: E402
-from mdsgen.inference.generate import VideoToAudio  # noqa: E402
-from mdsgen.base.samples import bigbuckbunny  # noqa: E402
 
 
 def ci_checkpoint(folder: Path) -> str:

@@ -175,9 +175,9 @@ def bench_end_to_end(repeats: int) -> dict:
     import functools
 
     import mdsgen.media.video as video
-    from mdsgen.model.checkpoint import init_checkpoint
     from mdsgen.config import load_params
     from mdsgen.inference.generate import VideoToAudio
+    from mdsgen.model.checkpoint import init_checkpoint
 
     generator = VideoToAudio(init_checkpoint(load_params(ROOT / "params.yaml")))
     sampling = generator.ckpt.sampling

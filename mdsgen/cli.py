@@ -76,8 +76,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from mdsgen.model.checkpoint import load_checkpoint
     from mdsgen.inference.generate import generate_files, with_overrides
+    from mdsgen.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(resolve_model(args.checkpoint or args.model, args.params), args.device)
     sampling = with_overrides(ckpt.sampling, steps=args.steps, cfg_scale=args.cfg)
@@ -110,8 +110,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_init_checkpoint(args) -> int:
-    from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint
     from mdsgen.config import load_params
+    from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint
 
     params = load_params(args.params)
     if args.size:
@@ -240,8 +240,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_align(args) -> int:
-    from mdsgen.evaluation.align import train_align
     from mdsgen.config import load_params
+    from mdsgen.evaluation.align import train_align
 
     p = load_params(args.params)
     metrics = train_align(storage.local_input(args.dataset), storage.local_input(args.features), args.out, p.align,
@@ -254,8 +254,8 @@ def cmd_train_align(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from mdsgen.model.checkpoint import load_checkpoint
     from mdsgen.evaluation.evaluate import evaluate, log_to_mlflow, markdown_table, write_report
+    from mdsgen.model.checkpoint import load_checkpoint
 
     p = use_mlflow(args.params)
     ckpt = load_checkpoint(resolve_model(args.checkpoint or args.model, args.params), args.device)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import yaml
 
-from mdsgen.serving.app import AppConfig
-from mdsgen.media.audio import AudioConfig
 from mdsgen.data.dataset import DatasetConfig
+from mdsgen.media.audio import AudioConfig
+from mdsgen.media.video import VideoConfig
 from mdsgen.model.diffusion import SamplingConfig
 from mdsgen.model.network import MDSGenConfig
+from mdsgen.serving.app import AppConfig
 from mdsgen.training.train import TrainConfig
 from mdsgen.training.vae_train import VAETrainConfig
-from mdsgen.media.video import VideoConfig
 
 
 MLFLOW_DEFAULTS = {"tracking_uri": None, "experiment": "mdsgen", "registered_model": "mdsgen",

@@ -50,8 +50,8 @@ def video_20s(media_dir):
 @pytest.fixture(scope="session")
 def untrained_checkpoint(tmp_path_factory):
     """A T-size generator with untrained denoiser and VAE, saved as the library saves checkpoints."""
-    from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint
     from mdsgen.config import Params
+    from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "untrained"
     save_checkpoint(init_checkpoint(Params(), seed=0), str(path))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mdsgen.model.encoders import CAVPEncoder, EfficientNetLite0Encoder, build_frame_encoder
 from mdsgen.base.errors import CheckpointError
+from mdsgen.model.encoders import CAVPEncoder, EfficientNetLite0Encoder, build_frame_encoder
 
 
 def test_efficientnet_features_are_l2_normalised_and_deterministic():

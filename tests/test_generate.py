@@ -138,8 +138,8 @@ def test_bad_checkpoints_are_refused(tmp_path, untrained_checkpoint, bigbuckbunn
 
 @pytest.mark.slow  # generates a 20 s video twice
 def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
-    from mdsgen.model.diffusion import SamplingConfig
     from mdsgen.inference.generate import VideoToAudio
+    from mdsgen.model.diffusion import SamplingConfig
 
     one = VideoToAudio(str(untrained_checkpoint), batch_size=1)
     many = VideoToAudio(one.ckpt, batch_size=8)
@@ -151,9 +151,9 @@ def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
 
 
 def test_a_video_a_moment_longer_than_one_window_costs_one_window(tmp_path, untrained_checkpoint):
-    from mdsgen.model.diffusion import SamplingConfig
     from mdsgen.inference.generate import VideoToAudio
     from mdsgen.media.video import SILENT_TAIL_SECONDS
+    from mdsgen.model.diffusion import SamplingConfig
 
     v2a = VideoToAudio(str(untrained_checkpoint))
     window = v2a.ckpt.audio.clip_seconds

@@ -3,13 +3,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mdsgen.base.samples import tuxpaint_stamp
 from mdsgen.media.audio import AudioConfig, fit_length, load_audio, wave_to_mel
 from mdsgen.model.diffusion import SamplingConfig, sample
 from mdsgen.model.encoders import EfficientNetLite0Encoder
 from mdsgen.model.network import MDSGen, MDSGenConfig
-from mdsgen.base.samples import tuxpaint_stamp
-from mdsgen.training.train import TrainConfig, fit
 from mdsgen.model.vae import MelVAE
+from mdsgen.training.train import TrainConfig, fit
 
 CLIPS = ["animals/mammals/badger", "household/kettle", "animals/mammals/elephant"]
 

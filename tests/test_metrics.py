@@ -116,8 +116,8 @@ def test_onset_auc_rewards_sound_at_the_true_onsets_and_not_noise():
 
 
 def test_the_object_probe_tells_objects_apart_and_noise_from_both():
-    from mdsgen.media.audio import AudioConfig
     from mdsgen.evaluation.metrics import ObjectProbe
+    from mdsgen.media.audio import AudioConfig
 
     audio = AudioConfig()
     rng = np.random.default_rng(0)

@@ -132,8 +132,8 @@ def serve_and_monitor(repo, env, videos, work) -> tuple:
 def test_the_registered_model_carries_its_reference(ci_repo, pipeline_env):
     import mlflow
 
-    from mdsgen.serving.monitoring import REFERENCE_FILE, SUMMARIZER_FILE
     from mdsgen.evaluation.registry import resolve_checkpoint
+    from mdsgen.serving.monitoring import REFERENCE_FILE, SUMMARIZER_FILE
 
     repo, _ = ci_repo
     rows = (repo / "models" / "reference" / REFERENCE_FILE).read_text().splitlines()

@@ -63,8 +63,8 @@ def test_model_configs_agree_and_hold_no_host_paths():
 
 
 def test_same_seed_as_generate(server, client, untrained_checkpoint, bigbuckbunny):
-    from mdsgen.model.diffusion import SamplingConfig
     from mdsgen.inference.generate import VideoToAudio
+    from mdsgen.model.diffusion import SamplingConfig
 
     local = VideoToAudio(str(untrained_checkpoint))
     sampling = SamplingConfig(steps=STEPS)
@@ -90,8 +90,8 @@ def test_same_seed_as_generate(server, client, untrained_checkpoint, bigbuckbunn
 
 
 def test_long_video_windows_on_the_server(server, client, untrained_checkpoint, video_20s):
-    from mdsgen.model.diffusion import SamplingConfig
     from mdsgen.inference.generate import VideoToAudio
+    from mdsgen.model.diffusion import SamplingConfig
 
     want = VideoToAudio(str(untrained_checkpoint)).soundtrack(video_20s, SamplingConfig(steps=STEPS), seed=1)
     assert want.windows == 3
@@ -161,8 +161,8 @@ def _settled_batch_sizes(server, since: dict[int, int], items: int, timeout: flo
 
 
 def test_concurrent_requests_are_batched_and_unchanged(server, client, untrained_checkpoint, bigbuckbunny):
-    from mdsgen.serving.client import SoundtrackClient
     from mdsgen.inference.generate import VideoToAudio
+    from mdsgen.serving.client import SoundtrackClient
 
     local = VideoToAudio(str(untrained_checkpoint))
     features = local.features(local.read(bigbuckbunny)).numpy()
@@ -246,9 +246,9 @@ def test_the_app_finds_the_server_and_sends_it_the_variations(server, tmp_path, 
 
 
 def test_reload_keeps_in_flight_requests(server, client, bigbuckbunny, tmp_path):
+    from mdsgen.config import Params
     from mdsgen.model.checkpoint import init_checkpoint, save_checkpoint
     from mdsgen.serving.client import SoundtrackClient
-    from mdsgen.config import Params
     from mdsgen.serving.server import load_state
 
     other = tmp_path / "other"

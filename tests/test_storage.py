@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from mdsgen.base import storage
-from mdsgen.model.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
-from mdsgen.config import Params
-from mdsgen.model.encoders import CAVPEncoder, build_frame_encoder
 from mdsgen.base.errors import CheckpointError
+from mdsgen.config import Params
+from mdsgen.model.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
+from mdsgen.model.encoders import CAVPEncoder, build_frame_encoder
 from mdsgen.model.vae import MelVAE, load_vae
 
 

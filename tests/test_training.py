@@ -11,8 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mdsgen.training.train import roll_in_time
 from mdsgen.model.vae import MelVAE
+from mdsgen.training.train import roll_in_time
 from procs import BIN, ROOT, run
 
 SMALL_MODEL = {"size": "T", "hidden_size": 64, "depth": 4, "num_heads": 2, "decoder_depth": 2}

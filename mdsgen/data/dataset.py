@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mdsgen.media.audio import load_audio
 from mdsgen.base.errors import MediaError
-from mdsgen.media.video import encode_aac
 from mdsgen.base.samples import TUXPAINT_STAMPS
+from mdsgen.media.audio import load_audio
+from mdsgen.media.video import encode_aac
 
 METADATA_FIELDS = ["clip_id", "start_seconds", "label", "split"]
 SPLITS = ("train", "val", "test")

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mdsgen.media.audio import AudioConfig, fit_length, load_audio, wave_to_mel
-from mdsgen.data.dataset import read_metadata
 from mdsgen.base.errors import MediaError
+from mdsgen.data.dataset import read_metadata
+from mdsgen.media.audio import AudioConfig, fit_length, load_audio, wave_to_mel
 from mdsgen.media.video import VideoConfig, frames_to_tensor, read_video_windows
 
 INDEX = "index.json"

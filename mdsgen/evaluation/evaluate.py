@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mdsgen.data.features import load_latents
 from mdsgen.evaluation.align import AlignmentClassifier
+from mdsgen.evaluation.metrics import ObjectProbe, SoundNet, audio_scores, onset_sync
 from mdsgen.media.audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel
 from mdsgen.model.checkpoint import Checkpoint
 from mdsgen.model.diffusion import conditioning_gain, sample
-from mdsgen.data.features import load_latents
-from mdsgen.evaluation.metrics import ObjectProbe, SoundNet, audio_scores, onset_sync
 from mdsgen.model.vae import MelStandardizer
 
 SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuffled_video", "real_audio")

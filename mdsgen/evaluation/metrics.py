@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from mdsgen.media.audio import AudioConfig, wave_to_mel
 from mdsgen.data.dataset import ONSET_HOP, detect_onsets
+from mdsgen.media.audio import AudioConfig, wave_to_mel
 
 SAMPLE_RATE = 44100
 N_FFT, HOP, N_MELS = 2048, 1024, 96

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from mdsgen.media.audio import vocode
+from mdsgen.media.files import Result, Soundtrack, list_inputs, write_soundtracks
+from mdsgen.media.video import ReadLimits, VideoWindows, frames_to_tensor, read_video_windows
 from mdsgen.model.checkpoint import Checkpoint, load_checkpoint
 from mdsgen.model.diffusion import SamplingConfig, sample
 from mdsgen.model.encoders import build_frame_encoder
-from mdsgen.media.files import Result, Soundtrack, list_inputs, write_soundtracks
-from mdsgen.media.video import ReadLimits, VideoWindows, frames_to_tensor, read_video_windows
 
 FRAME_CHUNK = 64  # frames converted and encoded at a time
 

@@ -71,8 +71,8 @@ def metric_bars(table: dict[str, dict[str, float]], metrics: list[str], path) ->
 def generated_vs_real(generated_dir, originals_dir, path, limit: int = 8) -> Path:
     """For each `<stem>.wav` in `generated_dir` whose video `<stem>.*` in `originals_dir` has a soundtrack:
     the real soundtrack's mel beside the generated one's (scaled as the model sees them)."""
-    from mdsgen.media.audio import AudioConfig, load_audio, wave_to_mel
     from mdsgen.base.errors import MediaError
+    from mdsgen.media.audio import AudioConfig, load_audio, wave_to_mel
     from mdsgen.media.files import VIDEO_SUFFIXES
 
     cfg = AudioConfig()

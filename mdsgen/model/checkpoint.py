@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mdsgen.base import storage
-from mdsgen.media.audio import AudioConfig
-from mdsgen.model.diffusion import SamplingConfig
 from mdsgen.base.errors import CheckpointError, describe
+from mdsgen.media.audio import AudioConfig
+from mdsgen.media.video import VideoConfig
+from mdsgen.model.diffusion import SamplingConfig
 from mdsgen.model.network import MDSGen, MDSGenConfig
 from mdsgen.model.vae import MelVAE, load_vae
-from mdsgen.media.video import VideoConfig
 
 FORMAT = "mdsgen-checkpoint"
 VERSION = 1

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdsgen.model.diffusion import SamplingConfig
 from mdsgen.base.errors import MediaError, describe
 from mdsgen.inference.generate import VideoToAudio
-from mdsgen.serving.server import CHECKPOINT_DIR, MONITOR_LOG_ENV
 from mdsgen.media.video import ReadLimits
+from mdsgen.model.diffusion import SamplingConfig
+from mdsgen.serving.server import CHECKPOINT_DIR, MONITOR_LOG_ENV
 
 
 @dataclass
@@ -150,8 +150,8 @@ class TritonPythonModel:
         self.recorder = self._recorder(config["name"], checkpoint)
 
     def _recorder(self, name: str, checkpoint: Path):
-        from mdsgen.serving.monitoring import SUMMARIZER_FILE, Recorder, RecordLog, Summarizer
         from mdsgen.evaluation.registry import MONITORING_DIR
+        from mdsgen.serving.monitoring import SUMMARIZER_FILE, Recorder, RecordLog, Summarizer
 
         log = os.environ.get(MONITOR_LOG_ENV)
         if not log:

@@ -198,9 +198,9 @@ class Sweep:
 
     def references(self) -> dict:
         """The systems every arm is read against, once: ground truth through the VAE, retrieval, real audio."""
-        from mdsgen.model.checkpoint import init_checkpoint
-        from mdsgen.evaluation.evaluate import Systems, nearest_training_clips
         from mdsgen.data.features import load_latents
+        from mdsgen.evaluation.evaluate import Systems, nearest_training_clips
+        from mdsgen.model.checkpoint import init_checkpoint
 
         path = self.out / "references.json"
         if path.is_file():

@@ -309,9 +309,9 @@ def log_samples(model: MDSGen, vae, val: dict, params, step: int, clips: int, de
     import mlflow
 
     from mdsgen.media.audio import vocode
-    from mdsgen.model.diffusion import sample
     from mdsgen.media.files import write_wav
     from mdsgen.media.plots import mel_grid
+    from mdsgen.model.diffusion import sample
 
     feats = val["features"][:clips].to(device)
     noise = torch.randn((len(feats), *val["latents"].shape[1:]), generator=torch.Generator().manual_seed(0))
@@ -333,9 +333,9 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
     """The `mdsgen train` stage. Returns the metrics it writes (rank 0; other ranks return {})."""
     import mlflow
 
+    from mdsgen.data.features import load_latents
     from mdsgen.evaluation import tracking
     from mdsgen.model.checkpoint import init_checkpoint
-    from mdsgen.data.features import load_latents
 
     cfg: TrainConfig = params.train
     device = init_distributed(device)

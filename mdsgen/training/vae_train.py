@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdsgen.media.audio import AudioConfig, vocode
 from mdsgen.data.features import load_split
+from mdsgen.media.audio import AudioConfig, vocode
 from mdsgen.model.vae import MelStandardizer, MelVAE
 
 
