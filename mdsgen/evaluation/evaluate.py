@@ -35,9 +35,10 @@ import torch
 from mdsgen.data.features import load_latents
 from mdsgen.evaluation.align import AlignmentClassifier
 from mdsgen.evaluation.metrics import ObjectProbe, SoundNet, audio_scores, onset_sync
+from mdsgen.inference.generate import FeaturesToAudio
 from mdsgen.media.audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel
 from mdsgen.model.checkpoint import Checkpoint
-from mdsgen.model.diffusion import conditioning_gain, sample
+from mdsgen.model.diffusion import conditioning_gain
 from mdsgen.model.vae import MelStandardizer
 
 SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuffled_video", "real_audio")
@@ -101,26 +102,6 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class Systems:
-    """Latents -> waves through the checkpoint's VAE and vocoder, in batches."""
-
-    def __init__(self, ckpt: Checkpoint, device: str, batch_size: int):
-        self.ckpt, self.device, self.batch_size = ckpt, device, batch_size
-
-    @torch.no_grad()
-    def waves(self, latents: torch.Tensor) -> list[np.ndarray]:
-        out = []
-        for part in latents.split(self.batch_size):
-            mels = self.ckpt.vae.decode(part.to(self.device)).float().cpu()
-            out.extend(vocode(mels, self.ckpt.audio).numpy())
-        return out
-
-    @torch.no_grad()
-    def generate(self, features: torch.Tensor, noise: torch.Tensor, sampling) -> torch.Tensor:
-        return torch.cat([sample(self.ckpt.model, f.to(self.device), sampling, noise=n).float().cpu()
-                          for f, n in zip(features.split(self.batch_size), noise.split(self.batch_size))])
-
-
 class TestSet:
     """The test clips and what scoring any system on them needs, computed once: frame features, true
     onsets, the real recordings and aisfx's outputs for them, the alignment classifier."""
@@ -154,9 +135,6 @@ class TestSet:
         return [fit_length(load_audio(Path(dataset_dir) / "clips" / f"{cid}.mp4", cfg.sample_rate), cfg.clip_samples)
                 for cid in clip_ids]
 
-    def noise(self, seed: int) -> torch.Tensor:
-        return torch.randn((self.n, *self.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
-
     def score(self, waves: list[np.ndarray], real: bool = False) -> dict:
         """Audio, onset-sync and alignment metrics of one system's waves (one per test clip)."""
         rate = self.audio_cfg.sample_rate
@@ -172,16 +150,16 @@ class TestSet:
 
 
 def generate_model_waves(ckpt: Checkpoint, tests: TestSet, sampling, seed: int, device: str,
-                         batch_size: int) -> tuple[torch.Tensor, list[np.ndarray], dict]:
-    """The generator's latents and waves for every test clip, and what they cost (seconds per clip, peak
-    memory)."""
-    systems = Systems(ckpt, device, batch_size)
+                         batch_size: int) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """The generator's latents and waves ([clips, samples]) for every test clip, and what they cost (seconds
+    per clip, peak memory)."""
+    core = FeaturesToAudio(ckpt, device, batch_size)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    latents = systems.generate(tests.features, tests.noise(seed), sampling)
+    latents = core.denoise(tests.features, core.noise(tests.n, seed), sampling).float().cpu()
     denoise_seconds = time.perf_counter() - start
-    waves = systems.waves(latents)
+    waves = core.waves(latents).numpy()
     total_seconds = time.perf_counter() - start
     return latents, waves, {"params_inference": ckpt.model.parameter_counts()["inference"],
                    "denoise_seconds_per_clip": denoise_seconds / tests.n, "seconds_per_clip": total_seconds / tests.n,
@@ -195,15 +173,15 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
     sampling = sampling or ckpt.sampling
     tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.get("clips"), device)
     train = load_latents(latents_dir, "train")
-    systems = Systems(ckpt, device, settings["batch_size"])
+    core = FeaturesToAudio(ckpt, device, settings["batch_size"])
     latents, model_waves, efficiency = generate_model_waves(ckpt, tests, sampling, settings["seed"], device,
                                                             settings["batch_size"])
     waves = {"model": model_waves}
     partners = shuffled_partners(tests.labels, settings["seed"])
     diagnostics = diagnose(ckpt.model, latents, tests.latents, tests.features, partners, settings.get("checks"), device)
-    waves["model_shuffled_video"] = systems.waves(systems.generate(tests.features[partners],
-                                                                   tests.noise(settings["seed"]), sampling))
-    waves["ground_truth_vae"] = systems.waves(tests.latents)
+    shuffled = core.denoise(tests.features[partners], core.noise(tests.n, settings["seed"]), sampling)
+    waves["model_shuffled_video"] = core.waves(shuffled).numpy()
+    waves["ground_truth_vae"] = core.waves(tests.latents).numpy()
     if isinstance(ckpt.vae, MelStandardizer):  # no VAE: the row above already is the mel through the vocoder
         waves["vocoder_only"] = waves["ground_truth_vae"]
     else:
@@ -211,7 +189,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
         waves["vocoder_only"] = [w for part in real_mels.split(settings["batch_size"])
                                  for w in vocode(part.to(device), ckpt.audio).cpu().numpy()]
     nearest = nearest_training_clips(tests.features, train["features"])
-    waves["retrieval"] = systems.waves(train["latents"][nearest])
+    waves["retrieval"] = core.waves(train["latents"][nearest]).numpy()
     waves["real_audio"] = tests.real
 
     results = {name: tests.score(waves[name], real=name == "real_audio") for name in SYSTEMS}

@@ -19,32 +19,14 @@ from mdsgen.model.encoders import build_frame_encoder
 FRAME_CHUNK = 64  # frames converted and encoded at a time
 
 
-class VideoToAudio:
-    """A loaded generator. Build once, call `soundtrack` per video."""
+class FeaturesToAudio:
+    """The inference core that every path shares (generate, the Triton model, evaluation, training samples,
+    ablations, the monitoring reference): frame features -> seeded noise -> sampled latents -> VAE -> vocoder."""
 
-    def __init__(self, checkpoint: Checkpoint | str, device: str = "cpu", batch_size: int = 8,
-                 still_seconds: float | None = None):
+    def __init__(self, checkpoint: Checkpoint | str, device: str = "cpu", batch_size: int = 8):
         self.ckpt = load_checkpoint(checkpoint, device) if isinstance(checkpoint, str) else checkpoint
         self.device = device
         self.batch_size = batch_size
-        self.still_seconds = still_seconds  # how long a still image's sound lasts (None: one window)
-        self.encoder = build_frame_encoder(self.ckpt.frame_encoder).to(device)
-        if self.encoder.feature_dim != self.ckpt.model.config.feature_dim:
-            raise ValueError(f"frame encoder {self.encoder.name} gives {self.encoder.feature_dim}-d features, "
-                             f"the denoiser expects {self.ckpt.model.config.feature_dim}")
-
-    def read(self, path, limits: ReadLimits = ReadLimits(), still_seconds: float | None = None) -> VideoWindows:
-        """The video's windows; a still image lasts `still_seconds` (default: the generator's setting)."""
-        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits,
-                                  self.still_seconds if still_seconds is None else still_seconds)
-
-    @torch.inference_mode()
-    def features(self, windows: VideoWindows) -> torch.Tensor:
-        """Frame features [windows, 32, F]: each 4 fps frame is encoded once, however many windows share it."""
-        chunks = [self.encoder(frames_to_tensor(part).to(self.device)[None])[0]  # bounded memory for long videos
-                  for part in np.array_split(windows.grid, max(1, len(windows.grid) // FRAME_CHUNK))]
-        feats = torch.cat(chunks)
-        return torch.stack([feats[s] for s in windows.slices()])
 
     def noise(self, windows: int, seed: int) -> torch.Tensor:
         """The initial noise of a video's windows: it depends only on the seed and window index, so a
@@ -62,16 +44,21 @@ class VideoToAudio:
         def progress(batch: int):
             return None if on_step is None else lambda done, steps: on_step(batch * steps + done, steps * len(batches))
 
-        return torch.cat([sample(self.ckpt.model, f, sampling, noise=n, on_step=progress(b))
+        return torch.cat([sample(self.ckpt.model, f.to(self.device), sampling, noise=n, on_step=progress(b))
                           for b, (f, n) in enumerate(batches)])
 
     def latents(self, features: torch.Tensor, sampling: SamplingConfig, seed: int) -> torch.Tensor:
         return self.denoise(features, self.noise(len(features), seed), sampling)
 
     @torch.inference_mode()
+    def mels(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's mels of `latents`, `batch_size` at a time (float32, on the CPU)."""
+        return torch.cat([self.ckpt.vae.decode(z.to(self.device)).float().cpu() for z in latents.split(self.batch_size)])
+
+    @torch.inference_mode()
     def waves(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode and vocode `batch_size` windows at a time: a long video's memory stays bounded."""
-        return torch.cat([vocode(self.ckpt.vae.decode(z).float(), self.ckpt.audio).cpu()
+        return torch.cat([vocode(self.ckpt.vae.decode(z.to(self.device)).float(), self.ckpt.audio).cpu()
                           for z in latents.split(self.batch_size)])
 
     def batch(self, features: list[torch.Tensor], durations: list[float], seeds: list[int], sampling: SamplingConfig,
@@ -103,6 +90,31 @@ class VideoToAudio:
             out[len(out) - fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
             out = np.pad(out, (0, length - len(out)))
         return out[:length]
+
+class VideoToAudio(FeaturesToAudio):
+    """A loaded generator. Build once, call `soundtrack` per video."""
+
+    def __init__(self, checkpoint: Checkpoint | str, device: str = "cpu", batch_size: int = 8,
+                 still_seconds: float | None = None):
+        super().__init__(checkpoint, device, batch_size)
+        self.still_seconds = still_seconds  # how long a still image's sound lasts (None: one window)
+        self.encoder = build_frame_encoder(self.ckpt.frame_encoder).to(device)
+        if self.encoder.feature_dim != self.ckpt.model.config.feature_dim:
+            raise ValueError(f"frame encoder {self.encoder.name} gives {self.encoder.feature_dim}-d features, "
+                             f"the denoiser expects {self.ckpt.model.config.feature_dim}")
+
+    def read(self, path, limits: ReadLimits = ReadLimits(), still_seconds: float | None = None) -> VideoWindows:
+        """The video's windows; a still image lasts `still_seconds` (default: the generator's setting)."""
+        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits,
+                                  self.still_seconds if still_seconds is None else still_seconds)
+
+    @torch.inference_mode()
+    def features(self, windows: VideoWindows) -> torch.Tensor:
+        """Frame features [windows, 32, F]: each 4 fps frame is encoded once, however many windows share it."""
+        chunks = [self.encoder(frames_to_tensor(part).to(self.device)[None])[0]  # bounded memory for long videos
+                  for part in np.array_split(windows.grid, max(1, len(windows.grid) // FRAME_CHUNK))]
+        feats = torch.cat(chunks)
+        return torch.stack([feats[s] for s in windows.slices()])
 
     def soundtrack(self, path, sampling: SamplingConfig | None = None, seed: int = 0) -> Soundtrack:
         sampling = sampling or self.ckpt.sampling

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mdsgen.base.errors import MediaError, describe
-from mdsgen.inference.generate import VideoToAudio
+from mdsgen.inference.generate import VideoToAudio, with_overrides
 from mdsgen.media.video import ReadLimits
 from mdsgen.model.diffusion import SamplingConfig
 from mdsgen.serving.server import CHECKPOINT_DIR, MONITOR_LOG_ENV
@@ -56,7 +56,7 @@ def parse_request(generator: VideoToAudio, inputs: dict, limits: dict) -> tuple:
         raise RequestError(f"STEPS {steps}: must be between 1 and {limits['max_steps']}")
     values = {"steps": steps, "cfg_scale": _scalar(inputs, "CFG_SCALE", ckpt.sampling.cfg_scale, float)}
     try:
-        sampling = SamplingConfig(**{**ckpt.sampling.__dict__, **values})
+        sampling = with_overrides(ckpt.sampling, **values)
     except ValueError as err:
         raise RequestError(str(err).replace("cfg_scale", "CFG_SCALE")) from err
     seed = _scalar(inputs, "SEED", 0, int)

@@ -148,7 +148,8 @@ class Sweep:
         import mlflow
 
         from mdsgen.evaluation import tracking
-        from mdsgen.evaluation.evaluate import Systems, generate_model_waves
+        from mdsgen.evaluation.evaluate import generate_model_waves
+        from mdsgen.inference.generate import FeaturesToAudio
 
         path = result_path(self.out, arm, seed)
         if path.is_file():
@@ -167,7 +168,7 @@ class Sweep:
         start = time.perf_counter()
         if channel is not None and not overrides and seed in self.base_latents:  # same latents, other channel
             latents, efficiency = self.base_latents[seed]
-            waves = Systems(ckpt, self.device, self.batch_size).waves(latents)
+            waves = FeaturesToAudio(ckpt, self.device, self.batch_size).waves(latents).numpy()
         else:
             latents, waves, efficiency = generate_model_waves(ckpt, self.tests, sampling, seed, self.device,
                                                               self.batch_size)
@@ -199,7 +200,8 @@ class Sweep:
     def references(self) -> dict:
         """The systems every arm is read against, once: ground truth through the VAE, retrieval, real audio."""
         from mdsgen.data.features import load_latents
-        from mdsgen.evaluation.evaluate import Systems, nearest_training_clips
+        from mdsgen.evaluation.evaluate import nearest_training_clips
+        from mdsgen.inference.generate import FeaturesToAudio
         from mdsgen.model.checkpoint import init_checkpoint
 
         path = self.out / "references.json"
@@ -207,11 +209,11 @@ class Sweep:
             return json.loads(path.read_text())
         p = copy.deepcopy(self.params)
         p.vae = {**p.vae, "path": str(self.vae_dir)}
-        systems = Systems(init_checkpoint(p), self.device, self.batch_size)
+        core = FeaturesToAudio(init_checkpoint(p), self.device, self.batch_size)
         train = load_latents(self.latents_dir, "train")
         nearest = nearest_training_clips(self.tests.features, train["features"])
-        refs = {"ground_truth_vae": self.tests.score(systems.waves(self.tests.latents)),
-                "retrieval": self.tests.score(systems.waves(train["latents"][nearest])),
+        refs = {"ground_truth_vae": self.tests.score(core.waves(self.tests.latents).numpy()),
+                "retrieval": self.tests.score(core.waves(train["latents"][nearest]).numpy()),
                 "real_audio": self.tests.score(self.tests.real, real=True)}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(refs, indent=1) + "\n")

@@ -301,30 +301,29 @@ def init_distributed(device: str) -> str:
     return device
 
 
-@torch.no_grad()
-def log_samples(model: MDSGen, vae, val: dict, params, step: int, clips: int, device: str) -> None:
-    """Sample the first val clips, log their mels beside the ground truth (through the VAE) and the WAVs."""
+def log_samples(ckpt, val: dict, step: int, clips: int, device: str) -> None:
+    """Sample the first val clips with `ckpt` (the model being trained, the run's VAE and settings), log their
+    mels beside the ground truth (through the VAE) and the WAVs."""
     import tempfile
 
     import mlflow
 
+    from mdsgen.inference.generate import FeaturesToAudio
     from mdsgen.media.audio import vocode
     from mdsgen.media.files import write_wav
     from mdsgen.media.plots import mel_grid
-    from mdsgen.model.diffusion import sample
 
-    feats = val["features"][:clips].to(device)
-    noise = torch.randn((len(feats), *val["latents"].shape[1:]), generator=torch.Generator().manual_seed(0))
-    latents = sample(model, feats, params.sampling, noise=noise)
-    generated = vae.decode(latents.float().cpu())
-    truth = vae.decode(val["latents"][:clips])
-    waves = vocode(generated, params.audio)
+    ckpt.vae.to(device)  # the run keeps its VAE on the CPU until here (the latents are encoded before training)
+    core = FeaturesToAudio(ckpt, device)
+    generated = core.mels(core.latents(val["features"][:clips], ckpt.sampling, seed=0))
+    truth = core.mels(val["latents"][:clips])
+    waves = vocode(generated, ckpt.audio)
     with tempfile.TemporaryDirectory() as tmp:
         ids = val["clip_ids"][:clips]
         mel_grid([(cid, [(g, f"generated, step {step}"), (t, "ground truth (VAE)")])
                   for cid, g, t in zip(ids, generated, truth)], Path(tmp, f"mels-step{step:08d}.png"))
         for cid, wave in zip(ids, waves):
-            write_wav(Path(tmp, f"{cid}-step{step:08d}.wav"), wave.numpy(), params.audio.sample_rate)
+            write_wav(Path(tmp, f"{cid}-step{step:08d}.wav"), wave.numpy(), ckpt.audio.sample_rate)
         mlflow.log_artifacts(tmp, "samples")
 
 
@@ -395,7 +394,7 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
                 mlflow.log_metrics(metrics, step=step)
                 window = {}
             if cfg.sample_every and step % cfg.sample_every == 0 and val is not None:
-                log_samples(trainer.final_model(), ckpt.vae, val, params, step, cfg.sample_clips, device)
+                log_samples(replace(ckpt, model=trainer.final_model()), val, step, cfg.sample_clips, device)
                 trainer.model.train()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_train_state(state_dir, trainer, {"recipe": recipe, "mlflow_run_id": run.info.run_id},
@@ -421,7 +420,7 @@ def finish(trainer: Trainer, ckpt, val, params, out, device: str, start_step: in
 
     final = trainer.final_model()
     if val is not None:
-        log_samples(final, ckpt.vae, val, params, trainer.step_count, params.train.sample_clips, device)
+        log_samples(replace(ckpt, model=final), val, trainer.step_count, params.train.sample_clips, device)
     save_checkpoint(replace(ckpt, model=copy.deepcopy(final).float().cpu()), str(out))
     metrics = {"steps": trainer.step_count, "final_loss": trainer.losses["last"],
                "first_loss": trainer.losses["first"],
