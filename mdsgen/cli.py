@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -218,6 +219,32 @@ def step_progress(total: int, desc: str):
     return on_step
 
 
+def solver_progress(desc: str):
+    """An `on_step(done, total)` callback drawing a tqdm bar over sampling solver steps (on a terminal; in
+    a log file, an update at most every 30 s)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def on_step(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="step", mininterval=0.5 if sys.stderr.isatty() else 30)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+    return on_step
+
+
+def stage_progress(desc: str):
+    """A `progress(stage)` callback printing each stage with the seconds since the first (to stderr)."""
+    start = time.perf_counter()
+
+    def progress(stage: str) -> None:
+        print(f"{desc} [{time.perf_counter() - start:6.1f} s] {stage}", file=sys.stderr, flush=True)
+    return progress
+
+
 def cmd_train(args) -> int:
     from mdsgen.config import load_params
     from mdsgen.training.train import train
@@ -245,7 +272,8 @@ def cmd_train_align(args) -> int:
 
     p = load_params(args.params)
     metrics = train_align(storage.local_input(args.dataset), storage.local_input(args.features), args.out, p.align,
-                          p.audio.hop_length / p.audio.sample_rate)
+                          p.audio.hop_length / p.audio.sample_rate,
+                          on_step=step_progress(p.align["steps"], "train-align"))
     write_json(args.metrics, metrics)
     print(f"alignment classifier saved to {args.out}: val accuracy {metrics['val_accuracy']:.3f} "
           f"(real pairs judged aligned {metrics['val_real_judged_aligned']:.3f}, "
@@ -260,7 +288,8 @@ def cmd_evaluate(args) -> int:
     p = use_mlflow(args.params)
     ckpt = load_checkpoint(resolve_model(args.checkpoint or args.model, args.params), args.device)
     result = evaluate(ckpt, storage.local_input(args.dataset), storage.local_input(args.latents),
-                      storage.local_input(args.align), p.evaluate, p.sampling, args.device)
+                      storage.local_input(args.align), p.evaluate, p.sampling, args.device,
+                      progress=stage_progress("evaluate"))
     summary = write_report(result, args.out)
     write_json(args.metrics, summary)
     logged = log_to_mlflow(summary, args.out, training_run_id(args))
@@ -399,7 +428,8 @@ def cmd_reference(args) -> int:
     from mdsgen.serving.monitoring import build_reference
 
     m = load_params(args.params).monitoring
-    meta = build_reference(args.checkpoint, args.latents, args.out, m["reference_clips"], m["components"], m["seed"])
+    meta = build_reference(args.checkpoint, args.latents, args.out, m["reference_clips"], m["components"], m["seed"],
+                           on_step=solver_progress("reference"))
     print(f"monitoring reference: {meta['clips']} training clips summarised into {args.out}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -83,8 +84,10 @@ def negatives(features: torch.Tensor, mels: torch.Tensor, min_shift: int, max_sh
     return out
 
 
-def train_align(dataset_dir, features_dir, out_dir, settings: dict, hop_seconds: float) -> dict:
-    """Train on the train split, report balanced accuracy on val (real pairs vs both negative kinds)."""
+def train_align(dataset_dir, features_dir, out_dir, settings: dict, hop_seconds: float,
+                on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train on the train split, report balanced accuracy on val (real pairs vs both negative kinds);
+    `on_step(step, {"loss": ...})` after each step."""
     torch.manual_seed(settings["seed"])
     generator = torch.Generator().manual_seed(settings["seed"])
     train = load_split(dataset_dir, features_dir, "train")
@@ -97,7 +100,7 @@ def train_align(dataset_dir, features_dir, out_dir, settings: dict, hop_seconds:
     min_shift = max(1, round(0.5 / hop_seconds))  # at least half a second: beyond the sync tolerance
     half = settings["batch_size"] // 2
     model.train()
-    for _ in range(settings["steps"]):
+    for step in range(1, settings["steps"] + 1):
         index = torch.randint(len(train["mels"]), (half,), generator=generator)
         feats, mels = train["features"][index], train["mels"][index]
         batch_feats = torch.cat([feats, feats])
@@ -107,6 +110,8 @@ def train_align(dataset_dir, features_dir, out_dir, settings: dict, hop_seconds:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if on_step is not None:
+            on_step(step, {"loss": loss.item()})
     model.eval()
     model.save(out_dir)
     held_out = negatives(val["features"], val["mels"], min_shift, max_shift, torch.Generator().manual_seed(1))

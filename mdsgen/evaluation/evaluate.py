@@ -28,6 +28,7 @@ import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -168,17 +169,22 @@ def generate_model_waves(ckpt: Checkpoint, tests: TestSet, sampling, seed: int, 
 
 
 def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: dict, sampling=None,
-             device: str = "cpu") -> dict:
-    """All systems' metrics on the test split, plus the data the report draws from."""
+             device: str = "cpu", progress: Callable[[str], None] = lambda stage: None) -> dict:
+    """All systems' metrics on the test split, plus the data the report draws from; `progress(stage)` is
+    told each stage as it starts."""
     sampling = sampling or ckpt.sampling
+    progress("the test set: recordings, their aisfx embeddings, the object probe")
     tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.get("clips"), device)
     train = load_latents(latents_dir, "train")
     core = FeaturesToAudio(ckpt, device, settings["batch_size"])
+    progress(f"the model: {tests.n} clips, {sampling.steps} steps each")
     latents, model_waves, efficiency = generate_model_waves(ckpt, tests, sampling, settings["seed"], device,
                                                             settings["batch_size"])
     waves = {"model": model_waves}
     partners = shuffled_partners(tests.labels, settings["seed"])
+    progress("diagnostics: latent statistics, conditioning gain")
     diagnostics = diagnose(ckpt.model, latents, tests.latents, tests.features, partners, settings.get("checks"), device)
+    progress("the model fed shuffled videos, the codec, retrieval")
     shuffled = core.denoise(tests.features[partners], core.noise(tests.n, settings["seed"]), sampling)
     waves["model_shuffled_video"] = core.waves(shuffled).numpy()
     waves["ground_truth_vae"] = core.waves(tests.latents).numpy()
@@ -192,6 +198,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
     waves["retrieval"] = core.waves(train["latents"][nearest]).numpy()
     waves["real_audio"] = tests.real
 
+    progress(f"scoring {len(SYSTEMS)} systems")
     results = {name: tests.score(waves[name], real=name == "real_audio") for name in SYSTEMS}
     results["model"].update(efficiency)
     results["model"].update({k: v for k, v in diagnostics.items() if k != "diagnostics_failures"})
