@@ -122,6 +122,12 @@ def _open_video(path) -> av.container.InputContainer:
     return container
 
 
+def is_still(path) -> bool:
+    """Whether the file at `path` is a picture rather than a video (only its header is read)."""
+    with _open_video(path) as container:
+        return is_still_image(container)
+
+
 def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: float = 8.192,
                        limits: ReadLimits = ReadLimits(), still_seconds: float | None = None) -> VideoWindows:
     """Decode `path` once and cut it into the windows the denoiser conditions on, within `limits`.

@@ -160,13 +160,6 @@ class ThroughServer:
         return [t.wave for t in tracks], tracks[0].sample_rate, f"{self.model()}, model version {tracks[0].model_version}"
 
 
-def _is_still(path: Path) -> bool:
-    from mdsgen.media.video import _open_video, is_still_image
-
-    with _open_video(path) as container:
-        return is_still_image(container)
-
-
 @dataclass
 class Job:
     id: str
@@ -224,7 +217,7 @@ class Jobs:
         from mdsgen.base.errors import MediaError
         from mdsgen.media.files import write_wav
         from mdsgen.media.plots import soundtrack_mel
-        from mdsgen.media.video import mux_audio, trim_video
+        from mdsgen.media.video import is_still, mux_audio, trim_video
 
         start = time.perf_counter()
         job.state = "running"
@@ -234,7 +227,7 @@ class Jobs:
 
         try:
             video, request = upload, job.request
-            if request.trimmed and not _is_still(upload):  # a picture's duration is its sound's length
+            if request.trimmed and not is_still(upload):  # a picture's duration is its sound's length
                 report("trimming the video", 0.01)
                 video = trim_video(upload, request.start, request.duration, job.folder / "trimmed.mp4")
                 request = replace(request, start=0.0, duration=None)
