@@ -47,7 +47,8 @@ def train_vae(params: str, dataset: Input[Dataset], features: Input[Dataset], va
     import os
     import tempfile
 
-    from mdsgen.cli import log_numbers, run_stage
+    from mdsgen.cli import run_stage
+    from mdsgen.cli.common import log_numbers
 
     out = os.path.join(tempfile.mkdtemp(), "vae-metrics.json")
     run_stage(["train-vae", dataset.path, features.path, "--out", vae.path, "--report",
@@ -67,7 +68,8 @@ def train_align(params: str, dataset: Input[Dataset], features: Input[Dataset], 
     import os
     import tempfile
 
-    from mdsgen.cli import log_numbers, run_stage
+    from mdsgen.cli import run_stage
+    from mdsgen.cli.common import log_numbers
 
     out = os.path.join(tempfile.mkdtemp(), "align-metrics.json")
     run_stage(["train-align", dataset.path, features.path, "--out", align.path, "--metrics", out], params)
@@ -87,7 +89,8 @@ def train(params: str, latents: Input[Dataset], vae: Input[Model], num_gpus: int
 
     import torch
 
-    from mdsgen.cli import log_numbers, run_stage
+    from mdsgen.cli import run_stage
+    from mdsgen.cli.common import log_numbers
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
@@ -111,7 +114,8 @@ def evaluate(params: str, model: Input[Model], align: Input[Model], dataset: Inp
     import json
     import os
 
-    from mdsgen.cli import log_numbers, run_stage
+    from mdsgen.cli import run_stage
+    from mdsgen.cli.common import log_numbers
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
