@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from media import make_video, streams
-from procs import ROOT, run
+from procs import run
 from mdsgen.media.audio import load_audio, wave_to_mel
 from mdsgen.data.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
                             stamp_recording, stamp_sources)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from mdsgen.model.network import MDSGen
