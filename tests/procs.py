@@ -1,4 +1,5 @@
 """Running commands and real servers from tests."""
+import hashlib
 import os
 import signal
 import socket
@@ -49,3 +50,9 @@ def stop_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def digests(folder: Path) -> dict:
+    """Each file under `folder` (relative path) -> its md5."""
+    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

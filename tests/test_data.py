@@ -1,19 +1,17 @@
 """The embedded dataset, feature caches, VAE training, latents, and the DVC pipeline (ci profile)."""
 import collections
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from media import make_video, streams
-from procs import run
+from procs import digests, run
 from mdsgen.media.audio import load_audio, wave_to_mel
 from mdsgen.data.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
                             stamp_recording, stamp_sources)
@@ -209,11 +207,6 @@ def test_changing_a_parameter_reruns_only_what_depends_on_it(ci_repo, pipeline_e
     assert "up to date" in run(["dvc", "status"], repo, pipeline_env).stdout
 
 
-def _digests(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline_env):
     repo, _ = ci_repo
     env = dict(pipeline_env, **{k: os.environ[k] for k in
@@ -227,7 +220,7 @@ def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline
     assert not (clone / "data").exists()
     run(["dvc", "pull"], clone, env)
     for out in ("data/dataset", "data/features", "models/vae", "data/latents"):
-        assert _digests(clone / out) == _digests(repo / out), out
+        assert digests(clone / out) == digests(repo / out), out
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
 
 

@@ -5,17 +5,20 @@ import os
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
-from procs import ROOT, run
+from procs import ROOT, digests, run
 
 ORDER = ["resolve-params", "dataset", "features", "train-vae", "encode", "train", "evaluate", "register"]
 QUALITY = ("frechet_distance", "kl", "inception_score", "class_agreement", "onset_median_error_ms", "onset_f1",
            "align_aligned_share")
 CONTINUOUS = ("frechet_distance", "kl", "inception_score")
+UNTRAINED_SYSTEMS = ("vocoder_only", "real_audio")  # the real mels through the vocoder, the real audio
 
 
 def pipelines(args, cwd=ROOT, env=None, check=True):
@@ -173,13 +176,47 @@ def test_run_local_matches_dvc_repro(ci_repo, mlflow_server, pipeline_env, tmp_p
     assert run.data.metrics["test_frechet_distance"] == pytest.approx(
         kfp_eval["systems"]["model"]["frechet_distance"], rel=1e-5)
 
-    # same data, same seed: the same numbers as the DVC pipeline. The two runs agree to ~1e-5 in the audio,
-    # not bit for bit, so counted metrics may differ by one detector decision (a few hundred onsets, a few
-    # dozen clips); continuous ones must agree closely
+    # Same data, same recipe, same first step. Training is chaotic in float rounding: Adam turns a last-bit
+    # difference into another model within a few steps (the ci VAE's latent scale spans 0.65-0.74 over thread
+    # counts and CPU instruction sets on one machine, and one CI session drew 0.66 for dvc and 0.70 for kfp), so
+    # trained weights agree only where the arithmetic is the same. What the two runs must share is what no
+    # rounding moves: the data, the features, the recipe each training ran, the loss before the first update,
+    # and the scores of the systems that training does not touch
+    assert digests(run_dir / "dataset/dataset") == digests(repo / "data/dataset")
+    assert_same_features(run_dir / "features/features", repo / "data/features")
+    kfp_vae, dvc_vae = (json.loads((folder / "config.json").read_text())
+                        for folder in (run_dir / "train-vae/vae", repo / "models/vae"))
+    assert {**kfp_vae, "scaling_factor": None} == {**dvc_vae, "scaling_factor": None}
+    kfp_vae_metrics = json.loads((run_dir / "train-vae/executor_output.json").read_text())
+    kfp_vae_metrics = kfp_vae_metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    dvc_vae_metrics = json.loads((repo / "reports/vae-metrics.json").read_text())
+    for key in ("steps", "train_clips", "val_clips"):
+        assert kfp_vae_metrics[key] == dvc_vae_metrics[key], key
+    assert kfp_vae_metrics["train_l1_step_1"] == pytest.approx(dvc_vae_metrics["train_l1_step_1"], rel=1e-4)
+    assert ((run_dir / "train/model/config.json").read_text() == (repo / "models/mdsgen/config.json").read_text())
+    dvc_run = json.loads((repo / "reports/train-metrics.json").read_text())["mlflow_run_id"]
+    recipe = {key: value for key, value in client.get_run(dvc_run).data.params.items() if key != "vae.path"}
+    assert recipe and recipe == {k: v for k, v in run.data.params.items() if k != "vae.path"}
+
     dvc_eval = json.loads((repo / "reports/eval-metrics.json").read_text())
-    for system, scores in dvc_eval["systems"].items():
-        for metric in QUALITY:
+    assert set(kfp_eval["systems"]) == set(dvc_eval["systems"])
+    for system in UNTRAINED_SYSTEMS:
+        for metric in set(QUALITY) - {"align_aligned_share"}:  # the alignment scorer is trained as well
             tolerance = (dict(rel=1e-3, abs=1e-6) if metric in CONTINUOUS else
                          dict(abs=25.0) if metric == "onset_median_error_ms" else dict(abs=0.02))
-            assert kfp_eval["systems"][system][metric] == pytest.approx(scores[metric], **tolerance), \
-                (system, metric)
+            assert kfp_eval["systems"][system][metric] == pytest.approx(
+                dvc_eval["systems"][system][metric], **tolerance), (system, metric)
+
+
+def assert_same_features(ours: Path, theirs: Path):
+    """The same files; the arrays equal to float rounding (the frame encoder is a CNN), the rest byte for byte."""
+    names = sorted(str(f.relative_to(ours)) for f in ours.rglob("*") if f.is_file())
+    assert names == sorted(str(f.relative_to(theirs)) for f in theirs.rglob("*") if f.is_file())
+    for name in names:
+        if name.endswith(".npz"):
+            a, b = np.load(ours / name), np.load(theirs / name)
+            assert a.files == b.files, name
+            for key in a.files:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{name}: {key}")
+        else:
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name

@@ -111,6 +111,7 @@ def evaluate_vae(vae: MelVAE, train: torch.Tensor, val: dict, cfg: VAETrainConfi
     return {
         "val_mel_l1": reconstruction_l1(vae, val["mels"]),
         "val_mel_l1_of_mean_mel": (val["mels"] - mean_mel).abs().mean().item(),  # the no-model baseline
+        "train_l1_step_1": history[0] if history else None,  # before any update: init and first batch only
         "train_l1_first": float(np.mean(history[:10])) if history else None,
         "train_l1_last": float(np.mean(history[-10:])) if history else None,
         "scaling_factor": vae.scaling_factor, "steps": cfg.steps if history else 0, "train_seconds": seconds,
