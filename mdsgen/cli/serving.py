@@ -17,37 +17,24 @@ def cmd_serve(args) -> int:
     p = use_mlflow(args.params)
     settings = p.serving
     state_dir = Path(args.state_dir or settings["state_dir"])
-    repository = state_dir / "repository"
+    model = args.model or settings["model"]
     if args.stop:
         server = triton.stop(state_dir)
         print(f"stopped tritonserver (pid {server.pid})" if server else "no server was running")
         return 0
     if args.export:
-        checkpoint, version = triton.resolve_served_model(args.model or settings["model"])
+        checkpoint, version = triton.resolve_served_model(model)
         triton.export_repository(checkpoint, args.export, version, reference=args.reference)
         print(f"wrote a Triton model repository with {triton.MODEL_NAME} version {version} to {args.export}")
         return 0
-    running = triton.load_state(state_dir)
     if args.reload:
-        if running is None:
-            raise ValueError(f"no server is running from {state_dir}: start one with `mdsgen serve`")
-        checkpoint, version = triton.resolve_served_model(args.model or settings["model"], repository)
-        if version == running.version and not args.model:
-            print(f"already serving {triton.MODEL_NAME} version {version}")
-            return 0
-        server = triton.reload(running, state_dir, checkpoint, version, args.reference)
-        print(f"now serving {triton.MODEL_NAME} version {server.version}")
+        server = triton.serve_again(model, state_dir, args.reference, named=bool(args.model))
+        print(f"now serving {triton.MODEL_NAME} version {server.version}" if server else
+              f"already serving {triton.MODEL_NAME} version {triton.load_state(state_dir).version}")
         return 0
-    if running is not None:
-        raise ValueError(f"a server is already running (pid {running.pid}, gRPC {running.grpc}): "
-                         f"--reload swaps its model, --stop stops it")
-    checkpoint, version = triton.resolve_served_model(args.model or settings["model"], repository)
-    triton.write_version(repository, checkpoint, version, reference=args.reference)
-    triton.prune_versions(repository)
-    ports = tuple(args.ports or settings["ports"])
-    monitor_log = args.monitor_log if args.monitor_log is not None else p.monitoring["log"]
-    server = triton.start(repository, state_dir, args.host or settings["host"], ports,
-                           args.config or settings["config"], monitor_log)
+    server = triton.serve(model, state_dir, args.host or settings["host"], tuple(args.ports or settings["ports"]),
+                          args.config or settings["config"],
+                          args.monitor_log if args.monitor_log is not None else p.monitoring["log"], args.reference)
     print(server.endpoints())
     print(f"stop with: mdsgen serve --stop{' --state-dir ' + str(state_dir) if args.state_dir else ''}")
     return 0

@@ -274,6 +274,33 @@ def reload(server: Server, state_dir, checkpoint: str, version: int, reference: 
     return server
 
 
+def serve(model_uri: str, state_dir, host: str = "127.0.0.1", ports: tuple[int, int, int] = (8000, 8001, 8002),
+          config_name: str | None = None, monitor_log: str | None = None, reference: str | None = None) -> Server:
+    """Put the model that `model_uri` names in the repository under <state_dir> (older versions pruned) and
+    start tritonserver on it; refused while a server recorded there is running."""
+    running = load_state(state_dir)
+    if running is not None:
+        raise ValueError(f"a server is already running (pid {running.pid}, gRPC {running.grpc}): "
+                         f"--reload swaps its model, --stop stops it")
+    repository = Path(state_dir) / "repository"
+    checkpoint, version = resolve_served_model(model_uri, repository)
+    write_version(repository, checkpoint, version, reference=reference)
+    prune_versions(repository)
+    return start(repository, state_dir, host, ports, config_name, monitor_log)
+
+
+def serve_again(model_uri: str, state_dir, reference: str | None = None, named: bool = False) -> Server | None:
+    """Swap the running server's model for the one `model_uri` names; None when it already serves that
+    version and the model was not `named` explicitly (a named model is always loaded again)."""
+    running = load_state(state_dir)
+    if running is None:
+        raise ValueError(f"no server is running from {state_dir}: start one with `mdsgen serve`")
+    checkpoint, version = resolve_served_model(model_uri, Path(state_dir) / "repository")
+    if version == running.version and not named:
+        return None
+    return reload(running, state_dir, checkpoint, version, reference)
+
+
 def _terminate(pid: int, timeout: float = 150.0) -> None:
     """SIGTERM: Triton stops taking requests, finishes the in-flight ones, then exits."""
     try:
