@@ -1,14 +1,16 @@
 """Hostile inputs against `mdsgen generate` and the Triton server, and a load test with bad requests mixed in.
 
-    python benchmarks/hostile.py [--requests 1000] [--clients 8] [--out benchmarks/results/hostile.md]
+    python benchmarks/hostile.py [--requests 1000] [--clients 8] [--rounds 5] [--skip-corpus]
+                                 [--out benchmarks/results/hostile.md]
 
 1. A corpus of files that are broken or cost far more than they look (tests/media.py writes them): each
    through `mdsgen generate` in its own process (wall time, peak memory, the message) and through the
    server (round trip, the message, whether it still answers a good request afterwards).
 2. `--requests` requests from `--clients` concurrent clients, every fifth one bad (garbage bytes, empty
    video, features of the wrong shape or with NaN, absurd STEPS): every bad one must get its error, every
-   good one its soundtrack; the server's peak memory (tritonserver and its python-backend stubs, VmHWM)
-   after the corpus and after the load shows whether memory grows with requests.
+   good one its soundtrack; the server's memory (tritonserver and its python-backend stubs: resident now,
+   VmRSS, and the high-water mark, VmHWM) after the corpus and after each of `--rounds` equal rounds of the
+   load shows whether memory keeps growing with requests or levels off.
 The server runs the `ci` profile's architecture with fresh weights (cost does not depend on the weights).
 """
 from __future__ import annotations
@@ -63,8 +65,9 @@ def corpus(folder: Path) -> dict[str, Path]:
     return files
 
 
-def peak_memory_mb(pid: int) -> float:
-    """VmHWM of a process and its children (tritonserver and its python-backend stubs), in MB."""
+def memory_mb(pid: int, field: str = "VmHWM") -> float:
+    """`field` of /proc/PID/status (VmHWM: the peak; VmRSS: resident now) summed over a process and its
+    children (tritonserver and its python-backend stubs), in MB."""
     def children(parent: int) -> list[int]:
         out = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -81,7 +84,7 @@ def peak_memory_mb(pid: int) -> float:
         current = todo.pop()
         todo.extend(children(current))
         for line in Path(f"/proc/{current}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 total += int(line.split()[1])
     return total / 1024
 
@@ -111,7 +114,7 @@ def through_server(path: Path, client: SoundtrackClient, good: Path) -> dict:
     return {"seconds": seconds, "message": message}
 
 
-def load(server, clients: int, requests: int, features: np.ndarray, video: bytes) -> dict:
+def load(server, clients: int, requests: range, features: np.ndarray, video: bytes) -> dict:
     bad = [("garbage bytes", {"video": b"\x00garbage" * 100}), ("empty video", {"video": b""}),
            ("features of the wrong shape", {"features": features[:, :5]}),
            ("NaN features", {"features": np.full_like(features, np.nan)}),
@@ -140,7 +143,7 @@ def load(server, clients: int, requests: int, features: np.ndarray, video: bytes
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, range(requests)))
+        list(pool.map(one, requests))
     outcomes["seconds"] = time.perf_counter() - start
     return outcomes
 
@@ -149,6 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="memory is read after each round of the load")
+    parser.add_argument("--skip-corpus", action="store_true", help="only the load (the corpus takes ~10 min)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hostile.md"))
     args = parser.parse_args()
     lines = []
@@ -162,30 +167,41 @@ def main() -> None:
         try:
             client = SoundtrackClient(server.grpc)
             client.soundtrack(files["good 3 s clip"], steps=STEPS)  # warm-up
-            start_mb = peak_memory_mb(server.pid)
-            lines += ["| input | size | generate: message | generate: s | generate: peak MB | server: message | server: s |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
-            for name, path in files.items():
+            start_mb = memory_mb(server.pid)
+            if not args.skip_corpus:
+                lines += ["| input | size | generate: message | generate: s | generate: peak MB | server: message "
+                          "| server: s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            for name, path in ({} if args.skip_corpus else files).items():
                 local = through_generate(path, checkpoint, tmp / "out")
                 remote = through_server(path, client, files["good 3 s clip"])
                 lines.append(f"| {name} | {path.stat().st_size:,} B | {local['message']} | {local['seconds']:.1f} | "
                              f"{local['peak_mb']} | {remote['message']} | {remote['seconds']:.2f} |")
                 print(lines[-1], flush=True)
-            corpus_mb = peak_memory_mb(server.pid)
+            corpus_mb = memory_mb(server.pid)
             from mdsgen.inference.generate import VideoToAudio
 
             generator = VideoToAudio(checkpoint)
             features = generator.features(generator.read(files["good 3 s clip"])).numpy()
-            outcomes = load(server, args.clients, args.requests, features, files["good 3 s clip"].read_bytes())
-            load_mb = peak_memory_mb(server.pid)
+            rounds, outcomes = [], {"good ok": 0, "good failed": [], "bad refused": 0, "bad accepted": [],
+                                    "seconds": 0.0}
+            per_round = -(-args.requests // args.rounds)
+            for first in range(0, args.requests, per_round):
+                done = load(server, args.clients, range(first, min(first + per_round, args.requests)), features,
+                            files["good 3 s clip"].read_bytes())
+                for key, value in done.items():
+                    outcomes[key] += value
+                rounds.append({"requests": min(first + per_round, args.requests),
+                               "resident_mb": round(memory_mb(server.pid, "VmRSS")),
+                               "peak_mb": round(memory_mb(server.pid)), "seconds": round(done["seconds"], 1)})
+                print(json.dumps(rounds[-1]), flush=True)
             ready = client.ready()
         finally:
             triton.stop(tmp / "state")
     summary = {"requests": args.requests, "clients": args.clients, "good_ok": outcomes["good ok"],
                "good_failed": len(outcomes["good failed"]), "bad_refused": outcomes["bad refused"],
                "bad_accepted": outcomes["bad accepted"], "seconds": round(outcomes["seconds"], 1),
-               "server_peak_mb": {"after warm-up": round(start_mb), "after the corpus": round(corpus_mb),
-                                  "after the load": round(load_mb)}, "ready_after": ready,
+               "server_peak_mb": {"after warm-up": round(start_mb), "after the corpus": round(corpus_mb)},
+               "server_memory_by_round": rounds, "ready_after": ready,
                "first_good_failures": outcomes["good failed"][:3]}
     text = "\n".join(["# Hostile inputs (benchmarks/hostile.py)", "", *lines, "", "```json",
                       json.dumps(summary, indent=2), "```", ""])
