@@ -77,6 +77,21 @@ def test_bad_inputs_fail_alone(tmp_path, bigbuckbunny, untrained_checkpoint):
     assert "1 of 5 videos done" in proc.stderr
 
 
+def test_max_seconds_refuses_a_longer_video_before_generating(tmp_path, untrained_checkpoint):
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    make_video(batch / "short.mp4", seconds=2.0)
+    make_video(batch / "long.mp4", seconds=6.0)
+    out = tmp_path / "out"
+    proc = run_generate(batch, "-o", out, "--checkpoint", untrained_checkpoint, "--steps", "2", "--max-seconds", "4")
+    assert proc.returncode == 1
+    assert f"error: {batch / 'long.mp4'}: video runs to 6 s, past the limit of 4 s" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["short.mp4", "short.wav"]
+    for bad in ("0", "-3", "nan", "ten"):
+        proc = run_generate(batch, "-o", out, "--checkpoint", untrained_checkpoint, "--max-seconds", bad)
+        assert proc.returncode == 2 and "is not a positive number of seconds" in proc.stderr, proc.stderr
+
+
 def test_inputs_with_the_same_name_get_their_own_outputs(tmp_path):
     """a/clip.mp4, b/clip.mp4 and c/clip.mkv in one batch (concurrently, as a server runs them): three WAVs,
     three videos, each with its own input's sound."""

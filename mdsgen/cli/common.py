@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,17 @@ def training_run_id(args) -> str | None:
     if not args.train_metrics or not Path(args.train_metrics).is_file():
         return None
     return json.loads(Path(args.train_metrics).read_text())["mlflow_run_id"]
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def log_numbers(values: dict, metrics) -> dict:

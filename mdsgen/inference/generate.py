@@ -95,17 +95,18 @@ class VideoToAudio(FeaturesToAudio):
     """A loaded generator. Build once, call `soundtrack` per video."""
 
     def __init__(self, checkpoint: Checkpoint | str, device: str = "cpu", batch_size: int = 8,
-                 still_seconds: float | None = None):
+                 still_seconds: float | None = None, limits: ReadLimits = ReadLimits()):
         super().__init__(checkpoint, device, batch_size)
         self.still_seconds = still_seconds  # how long a still image's sound lasts (None: one window)
+        self.limits = limits  # what one input may cost to read (length, frame size)
         self.encoder = build_frame_encoder(self.ckpt.frame_encoder).to(device)
         if self.encoder.feature_dim != self.ckpt.model.config.feature_dim:
             raise ValueError(f"frame encoder {self.encoder.name} gives {self.encoder.feature_dim}-d features, "
                              f"the denoiser expects {self.ckpt.model.config.feature_dim}")
 
-    def read(self, path, limits: ReadLimits = ReadLimits(), still_seconds: float | None = None) -> VideoWindows:
-        """The video's windows; a still image lasts `still_seconds` (default: the generator's setting)."""
-        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits,
+    def read(self, path, limits: ReadLimits | None = None, still_seconds: float | None = None) -> VideoWindows:
+        """The video's windows; `limits` and a still image's `still_seconds` default to the generator's."""
+        return read_video_windows(path, self.ckpt.video, self.ckpt.audio.clip_seconds, limits or self.limits,
                                   self.still_seconds if still_seconds is None else still_seconds)
 
     @torch.inference_mode()
@@ -137,10 +138,11 @@ class VideoToAudio(FeaturesToAudio):
 def generate_files(source, outdir, checkpoint: str, sampling: SamplingConfig | None = None,
                    seed: int = 0, device: str = "cpu", batch_size: int = 8, mux: bool = True,
                    split: str | None = None, limit: int | None = None,
-                   still_seconds: float | None = None) -> list[Result]:
+                   still_seconds: float | None = None, limits: ReadLimits = ReadLimits()) -> list[Result]:
     """Generate in this process for every input; a bad input is reported and skipped, the rest still run."""
     inputs = list_inputs(source, split)[:limit]
-    generator = VideoToAudio(checkpoint, device=device, batch_size=batch_size, still_seconds=still_seconds)
+    generator = VideoToAudio(checkpoint, device=device, batch_size=batch_size, still_seconds=still_seconds,
+                             limits=limits)
     sampling = sampling or generator.ckpt.sampling
     return write_soundtracks(inputs, outdir, lambda path: generator.soundtrack(path, sampling, seed), mux)
 
