@@ -65,30 +65,6 @@ def corpus(folder: Path) -> dict[str, Path]:
     return files
 
 
-def memory_mb(pid: int, field: str = "VmHWM") -> float:
-    """`field` of /proc/PID/status (VmHWM: the peak; VmRSS: resident now) summed over a process and its
-    children (tritonserver and its python-backend stubs), in MB."""
-    def children(parent: int) -> list[int]:
-        out = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent:
-                out.append(int(stat.parent.name))
-        return out
-
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        todo.extend(children(current))
-        for line in Path(f"/proc/{current}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                total += int(line.split()[1])
-    return total / 1024
-
-
 def through_generate(path: Path, checkpoint: str, out: Path) -> dict:
     script = ("import resource, sys; from mdsgen.cli import main; code = main(sys.argv[1:]); "
               "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr); "
@@ -167,7 +143,7 @@ def main() -> None:
         try:
             client = SoundtrackClient(server.grpc)
             client.soundtrack(files["good 3 s clip"], steps=STEPS)  # warm-up
-            start_mb = memory_mb(server.pid)
+            start_mb = server.memory_mb()
             if not args.skip_corpus:
                 lines += ["| input | size | generate: message | generate: s | generate: peak MB | server: message "
                           "| server: s |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -177,7 +153,7 @@ def main() -> None:
                 lines.append(f"| {name} | {path.stat().st_size:,} B | {local['message']} | {local['seconds']:.1f} | "
                              f"{local['peak_mb']} | {remote['message']} | {remote['seconds']:.2f} |")
                 print(lines[-1], flush=True)
-            corpus_mb = memory_mb(server.pid)
+            corpus_mb = server.memory_mb()
             from mdsgen.inference.generate import VideoToAudio
 
             generator = VideoToAudio(checkpoint)
@@ -191,8 +167,8 @@ def main() -> None:
                 for key, value in done.items():
                     outcomes[key] += value
                 rounds.append({"requests": min(first + per_round, args.requests),
-                               "resident_mb": round(memory_mb(server.pid, "VmRSS")),
-                               "peak_mb": round(memory_mb(server.pid)), "seconds": round(done["seconds"], 1)})
+                               "resident_mb": round(server.memory_mb("VmRSS")),
+                               "peak_mb": round(server.memory_mb()), "seconds": round(done["seconds"], 1)})
                 print(json.dumps(rounds[-1]), flush=True)
             ready = client.ready()
         finally:

@@ -52,6 +52,31 @@ class Server:
     def grpc(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    def memory_mb(self, field: str = "VmHWM") -> float:
+        """`field` of /proc/PID/status summed over tritonserver and its python-backend stubs, in MB (VmHWM:
+        each process's peak; VmRSS: resident now). Linux only."""
+        def children(parent: int) -> list[int]:
+            found = []
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                except OSError:  # the process ended while we looked
+                    continue
+                if int(fields[1]) == parent:
+                    found.append(int(stat.parent.name))
+            return found
+
+        total, todo = 0, [self.pid]
+        while todo:
+            current = todo.pop()
+            todo.extend(children(current))
+            try:
+                lines = Path(f"/proc/{current}/status").read_text().splitlines()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
+        return total / 1024
+
     def batch_sizes(self) -> dict[int, int]:
         """Triton's statistics: how many batches of each size the model has run ({size: count})."""
         with urllib.request.urlopen(f"{self.http}/v2/models/{MODEL_NAME}/stats") as response:
