@@ -100,3 +100,17 @@ def two_frames(path, width, height, seconds_apart, codec="ffv1"):
         out.mux(stream.encode(None))
     return path
 
+
+def tiny_rate(path, seconds_per_frame: int, frames: int = 3):
+    """A tiny file whose stream claims one frame every `seconds_per_frame` seconds (its rate and time base)."""
+    rate = Fraction(1, seconds_per_frame)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("ffv1", rate=rate)
+        stream.width, stream.height, stream.pix_fmt, stream.time_base = 64, 64, "yuv444p", 1 / rate
+        for pts in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 128, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, 1 / rate
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from media import frame_level, make_audio_only, make_video, streams, two_frames
+from media import frame_level, make_audio_only, make_video, streams, tiny_rate, two_frames
 from mdsgen.base.errors import MediaError
 from mdsgen.media.video import VideoConfig, read_video_windows, window_count
 
@@ -90,9 +90,17 @@ def test_videos_that_cost_far_more_than_they_look_are_refused_before_the_work(tm
     assert jump.stat().st_size < 10_000
     with pytest.raises(MediaError, match=r"past the limit of 1800 s"):
         read_video_windows(jump)
-    wide = two_frames(tmp_path / "wide.mkv", 4096, 2, 0.25)
-    with pytest.raises(MediaError, match=r"4096 x 2 pixels exceed the aspect ratio limit of 8:1"):
-        read_video_windows(wide)
+    slow = tiny_rate(tmp_path / "slow.mp4", 3600)  # a stream that claims one frame an hour
+    assert slow.stat().st_size < 10_000
+    with pytest.raises(MediaError, match=r"runs to 10800 s, past the limit of 1800 s"):
+        read_video_windows(slow)
+    for width, height in ((4096, 2), (8192, 2)):
+        wide = two_frames(tmp_path / f"wide{width}.mkv", width, height, 0.25)
+        with pytest.raises(MediaError, match=rf"{width} x 2 pixels exceed the aspect ratio limit of 8:1"):
+            read_video_windows(wide)
+    huge = two_frames(tmp_path / "huge.mkv", 8640, 4320, 0.25)  # past 8K
+    with pytest.raises(MediaError, match=r"8640 x 4320 pixels exceed the limit of 35,389,440 pixels"):
+        read_video_windows(huge)
     normal = make_video(tmp_path / "three.mp4", seconds=3.0)  # 160 x 120
     with pytest.raises(MediaError, match=r"160 x 120 pixels exceed the limit of 10,000 pixels"):
         read_video_windows(normal, limits=ReadLimits(max_pixels=10_000))
