@@ -63,6 +63,25 @@ def test_model_configs_agree_and_hold_no_host_paths():
         assert list(config.input) == list(base.input) and list(config.output) == list(base.output), override.name
 
 
+def test_request_size_limits_are_checked_before_the_work(untrained_checkpoint, bigbuckbunny):
+    """The Triton model's per-request limits (its config parameters), checked by the function it runs."""
+    from mdsgen.inference.generate import VideoToAudio
+    from mdsgen.serving.triton_model import RequestError, parse_request
+
+    generator = VideoToAudio(str(untrained_checkpoint))
+    limits = {"max_windows": 2, "max_video_bytes": 1000, "max_steps": 200}
+    data = bigbuckbunny.read_bytes()
+    video = np.array([[data]], dtype=np.object_)
+    with pytest.raises(RequestError, match=rf"VIDEO: {len(data):,} bytes; this server takes at most 1,000 "
+                                           r"per request \(parameter max_video_bytes\)"):
+        parse_request(generator, {"VIDEO": video}, limits)
+    features = np.zeros((3, 32, 1280), np.float32)
+    with pytest.raises(RequestError, match=r"FEATURES: 3 windows; between 1 and 2 are served"):
+        parse_request(generator, {"FEATURES": features}, limits)
+    parsed, duration, _, _ = parse_request(generator, {"FEATURES": features[:2]}, limits)  # at the limit: served
+    assert parsed.shape == (2, 32, 1280) and duration > 8
+
+
 def test_same_seed_as_generate(server, client, untrained_checkpoint, bigbuckbunny):
     from mdsgen.inference.generate import VideoToAudio
     from mdsgen.model.diffusion import SamplingConfig
