@@ -1,5 +1,6 @@
 """Serving: a real tritonserver (the nvidia-pytriton wheel's) started and stopped by `mdsgen serve`, the gRPC
 client, bad requests, dynamic batching, reload under load, the champion from the registry."""
+import shutil
 import sys
 import threading
 import time
@@ -215,20 +216,21 @@ def test_concurrent_requests_are_batched_and_unchanged(server, client, untrained
     assert max(size for size, n in grown.items() if n) > 1, f"no batch larger than one: {grown}"
 
 
-def test_client_folder_mode(server, tmp_path):
+def test_client_folder_mode(server, tmp_path, badger):
     from media import make_video
 
     videos = tmp_path / "videos"
     videos.mkdir()
     make_video(videos / "a.mp4", seconds=2.0)
     make_video(videos / "b.mp4", seconds=3.0, audio=False)
+    shutil.copy(badger, videos / "c.png")  # a picture: its sound lasts --duration; the videos' their own length
     (videos / "broken.mp4").write_bytes(b"not a video")
     out = tmp_path / "out"
     proc = mdsgen("client", str(videos), "-o", str(out), "--url", server[0].grpc, "--steps", str(STEPS),
-                  "--concurrency", "3", check=False)
+                  "--concurrency", "3", "--duration", "4.5", check=False)
     assert proc.returncode == 1, proc.stderr  # one input failed, and says so
-    assert "broken.mp4" in proc.stderr and "2 of 3 videos done" in proc.stderr
-    for name, seconds in (("a", 2.0), ("b", 3.0)):
+    assert "broken.mp4" in proc.stderr and "3 of 4 videos done" in proc.stderr
+    for name, seconds in (("a", 2.0), ("b", 3.0), ("c", 4.5)):
         wave, rate = sf.read(out / f"{name}.wav")
         assert abs(len(wave) / rate - seconds) < 0.05
         import av

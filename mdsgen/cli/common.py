@@ -88,6 +88,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's sampling settings)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--duration", type=float, help="seconds of sound for a still image (default: one window)")
     p.add_argument("--no-mux", action="store_true", help="write only the WAV")
     p.add_argument("--split", help="with a dataset's metadata.csv: only this split (train, val, test)")
     p.add_argument("--limit", type=int, help="only the first N inputs")

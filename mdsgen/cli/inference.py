@@ -37,7 +37,6 @@ def add_commands(sub, params: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", help="checkpoint folder or s3:// prefix")
     source.add_argument("--model", help="a registered model, e.g. models:/mdsgen@champion")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--duration", type=float, help="seconds of sound for a still image (default: one window)")
     p.add_argument("--batch-size", type=int, default=8, help="windows sampled together")
     p.add_argument("--max-seconds", type=positive_seconds,
                    help="refuse a longer video before decoding its frames (default: 1800; its 4 fps grid of "

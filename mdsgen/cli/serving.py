@@ -52,7 +52,7 @@ def cmd_client(args) -> int:
         url = server.grpc
     with storage.staged_output(args.output) as outdir:
         results = client_files(storage.local_input(args.input), outdir, url, args.concurrency, not args.no_mux,
-                               args.steps, args.cfg, args.seed, args.split, args.limit)
+                               args.steps, args.cfg, args.seed, args.split, args.limit, args.duration)
     return report_results(results, f" via {url}")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mdsgen.media.files import Result, Soundtrack, list_inputs, write_soundtracks
+from mdsgen.media.video import is_still
 from mdsgen.serving.server import MODEL_NAME
 
 MAX_MESSAGE = 2 ** 31 - 1  # videos are sent whole
@@ -72,8 +73,10 @@ class SoundtrackClient:
 
 def client_files(source, outdir, url: str, concurrency: int = 4, mux: bool = True, steps: int | None = None,
                  cfg_scale: float | None = None, seed: int = 0, split: str | None = None,
-                 limit: int | None = None) -> list[Result]:
-    """Like `mdsgen generate`, through the server: `concurrency` requests in flight (the server batches them)."""
+                 limit: int | None = None, still_seconds: float | None = None) -> list[Result]:
+    """Like `mdsgen generate`, through the server: `concurrency` requests in flight (the server batches them).
+    `still_seconds`: how long a picture's sound lasts (sent for pictures only; a video's sound lasts as long
+    as the video)."""
     inputs = list_inputs(source, split)[:limit]
     local = threading.local()
     clients = []
@@ -82,7 +85,8 @@ def client_files(source, outdir, url: str, concurrency: int = 4, mux: bool = Tru
         if not hasattr(local, "client"):
             local.client = SoundtrackClient(url)
             clients.append(local.client)
-        return local.client.soundtrack(path, steps=steps, cfg_scale=cfg_scale, seed=seed)
+        duration = still_seconds if still_seconds is not None and is_still(path) else None
+        return local.client.soundtrack(path, duration=duration, steps=steps, cfg_scale=cfg_scale, seed=seed)
 
     try:
         return write_soundtracks(inputs, outdir, make, mux, workers=concurrency)
