@@ -143,6 +143,21 @@ def recover_interrupted_swap(dest: Path) -> None:
             shutil.rmtree(copy, ignore_errors=True)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (so a rename in it survives a crash), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):  # files before the folders naming them
+        _fsync(path)
+    _fsync(root)
+
+
 def _replace_local_dir(source: Path, dest: Path) -> None:
     """Copy `source` beside `dest` under a unique name, then swap it in by two renames: a reader sees the
     old folder or the new one. A writer killed between the renames leaves the old one parked beside; the
@@ -161,13 +176,16 @@ def _replace_local_dir(source: Path, dest: Path) -> None:
         shutil.copytree(source, tmp, copy_function=shutil.copyfile, dirs_exist_ok=True)  # fresh files, default modes
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
+        _fsync_tree(tmp)  # the new version is on disk before any rename points at it
         if dest.is_dir():
             old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
             os.replace(dest, old)  # onto the empty placeholder
             os.replace(tmp, dest)
+            _fsync(dest.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
+            _fsync(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
