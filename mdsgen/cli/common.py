@@ -34,11 +34,17 @@ def resolve_model(uri: str, params_path: str = "params.yaml") -> str:
     return resolve_checkpoint(uri)
 
 
-def use_mlflow(params_path: str):
+def read_params(params_path: str):
+    """params.yaml if it is there, else the defaults (commands that run outside a project)."""
     from mdsgen.config import Params, load_params
+
+    return load_params(params_path) if Path(params_path).is_file() else Params()
+
+
+def use_mlflow(params_path: str):
     from mdsgen.evaluation.tracking import use_tracking
 
-    p = load_params(params_path) if Path(params_path).is_file() else Params()
+    p = read_params(params_path)
     use_tracking(p.mlflow["tracking_uri"], p.mlflow["experiment"])
     return p
 

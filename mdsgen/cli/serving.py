@@ -7,21 +7,23 @@ from pathlib import Path
 
 from mdsgen.base import storage
 from mdsgen.cli.common import (
-    add_generation_args, report_results, resolve_model, solver_progress, use_mlflow, write_json
+    add_generation_args, read_params, report_results, resolve_model, solver_progress, use_mlflow,
+    write_json
 )
 
 
 def cmd_serve(args) -> int:
     from mdsgen.serving import server as triton  # the tritonserver process and its model repository
 
-    p = use_mlflow(args.params)
+    p = read_params(args.params)
     settings = p.serving
     state_dir = Path(args.state_dir or settings["state_dir"])
-    model = args.model or settings["model"]
     if args.stop:
         server = triton.stop(state_dir)
         print(f"stopped tritonserver (pid {server.pid})" if server else "no server was running")
         return 0
+    use_mlflow(args.params)  # the model may be a registry URI
+    model = args.model or settings["model"]
     if args.export:
         checkpoint, version = triton.resolve_served_model(model)
         triton.export_repository(checkpoint, args.export, version, reference=args.reference)

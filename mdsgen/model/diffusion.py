@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from mdsgen.model.network import MDSGen
 
@@ -138,6 +137,8 @@ def guidance_scale(t: torch.Tensor | float, scale: float, power: float) -> float
 
 
 def make_scheduler(cfg: SamplingConfig, prediction: str = "epsilon"):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler  # here: diffusers takes a second to import
+
     schedule = dict(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END,
                     beta_schedule="linear", prediction_type=SCHEDULER_PREDICTIONS[prediction])
     if cfg.solver == "ddim":

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 
 from mdsgen.base import storage
+
+if TYPE_CHECKING:  # imported where used: diffusers takes a second to import, which every CLI command paid
+    from diffusers import AutoencoderKL
 
 SD_V1_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
@@ -53,6 +56,8 @@ class MelVAE(nn.Module):
             return MelStandardizer()
         if name not in VAE_CONFIGS:
             raise ValueError(f"vae.config {name!r}: use one of {', '.join([*VAE_CONFIGS, NO_VAE])}")
+        from diffusers import AutoencoderKL
+
         return cls(AutoencoderKL(**dict(VAE_CONFIGS[name], **overrides)), decode_channel)
 
     @property
@@ -157,6 +162,8 @@ def load_vae(uri: str, decode_channel: int | str | None = None) -> MelVAE | MelS
         raise FileNotFoundError(f"{uri}: not a diffusers VAE folder (no config.json)")
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{uri}: no .safetensors weights (pickled .bin files are refused)")
+    from diffusers import AutoencoderKL
+
     vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                         low_cpu_mem_usage=False)
     if decode_channel is None:
