@@ -111,20 +111,16 @@ def traffic(ci_repo, pipeline_env, tmp_path_factory):
 ALERT_SHARE = "0.25"
 
 
-def serve_and_monitor(repo, env, videos, work) -> tuple:
-    """Serve the champion, send every video through the client, stop, then `mdsgen monitor`."""
-    from mdsgen.serving.monitoring import wait_for_records
+def send_and_monitor(repo, env, state, records, videos, work, since: str) -> tuple:
+    """Send every video through the client to the running server, then `mdsgen monitor` the records since
+    `since` (one server serves both kinds of traffic, one after the other)."""
+    from mdsgen.serving.monitoring import parse_since, wait_for_records
 
-    state, records = work / "serving", work / "records"
-    mdsgen(["serve", "--ports", "0", "0", "0", "--state-dir", str(state), "--monitor-log", str(records)], repo, env)
-    try:
-        mdsgen(["client", str(videos), "-o", str(work / "out"), "--state-dir", str(state), "--no-mux",
-                "--concurrency", "4"], repo, env)
-    finally:
-        mdsgen(["serve", "--stop", "--state-dir", str(state)], repo, env, check=False)
+    mdsgen(["client", str(videos), "-o", str(work / "out"), "--state-dir", str(state), "--no-mux",
+            "--concurrency", "4"], repo, env)
     count = len(list(videos.glob("*.mp4")))
-    assert len(wait_for_records(str(records), count, timeout=30)) == count  # one record per request
-    proc = mdsgen(["monitor", "--log", str(records), "--out", str(work / "report"), "--since", "1h",
+    assert len(wait_for_records(str(records), count, parse_since(since), timeout=30)) == count  # one per request
+    proc = mdsgen(["monitor", "--log", str(records), "--out", str(work / "report"), "--since", since,
                    "--threshold", ALERT_SHARE], repo, env, check=False)
     return proc, json.loads((work / "report" / "summary.json").read_text())
 
@@ -150,13 +146,21 @@ def test_same_distribution_raises_no_drift_and_dark_videos_do(ci_repo, pipeline_
 
     repo, _ = ci_repo
     fresh, dark = traffic
-    same_proc, same = serve_and_monitor(repo, pipeline_env, fresh, tmp_path / "same")
-    assert same_proc.returncode == 0, same_proc.stdout + same_proc.stderr
-    assert not same["alert"] and same["drifted_share"] < same["threshold"]
-    assert same["current_requests"] == len(list(fresh.glob("*.mp4"))) and same["reference_rows"] == 16
-    assert (tmp_path / "same" / "report" / "report.html").stat().st_size > 100_000  # Evidently's self-contained page
+    state, records = tmp_path / "serving", tmp_path / "records"
+    mdsgen(["serve", "--ports", "0", "0", "0", "--state-dir", str(state), "--monitor-log", str(records)], repo,
+           pipeline_env)
+    try:
+        same_proc, same = send_and_monitor(repo, pipeline_env, state, records, fresh, tmp_path / "same", "1h")
+        assert same_proc.returncode == 0, same_proc.stdout + same_proc.stderr
+        assert not same["alert"] and same["drifted_share"] < same["threshold"]
+        assert same["current_requests"] == len(list(fresh.glob("*.mp4"))) and same["reference_rows"] == 16
+        assert (tmp_path / "same" / "report" / "report.html").stat().st_size > 100_000  # Evidently's own page
 
-    dark_proc, shifted = serve_and_monitor(repo, pipeline_env, dark, tmp_path / "dark")
+        since = datetime.now(timezone.utc).isoformat()  # after every fresh record: the dark traffic alone
+        dark_proc, shifted = send_and_monitor(repo, pipeline_env, state, records, dark, tmp_path / "dark", since)
+    finally:
+        mdsgen(["serve", "--stop", "--state-dir", str(state)], repo, pipeline_env, check=False)
+    assert shifted["current_requests"] == len(list(dark.glob("*.mp4")))
     assert dark_proc.returncode == 3, dark_proc.stdout + dark_proc.stderr  # a scheduler can alert on it
     assert shifted["alert"] and shifted["drifted_share"] >= shifted["threshold"]
     # the input summaries see the darker frames (measured: the first principal component), and the sound
