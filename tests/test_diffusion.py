@@ -48,10 +48,25 @@ def test_sampling_is_deterministic_and_conditioned(model):
     assert torch.allclose(single, a[:1], atol=1e-4)
 
 
+def test_texture_noise_is_the_rolled_start_noise_seeded_and_batch_independent(model):
+    f = torch.randn(3, 32, 8)
+    noise = torch.randn(3, 4, 16, 64, generator=torch.Generator().manual_seed(0))
+    smooth = sample(model, f, SamplingConfig(steps=5), noise=noise)
+    textured = sample(model, f, SamplingConfig(steps=5, texture_noise=0.3), noise=noise)
+    added = (textured - smooth) / 0.3
+    assert torch.allclose(added, noise.roll((8, 32), dims=(-2, -1)), atol=1e-4)
+    # i.i.d. and unrelated to the sample it is added to
+    assert abs(added.std().item() - 1.0) < 0.05 and abs(torch.corrcoef(torch.stack([added.flatten(),
+                                                                                    smooth.flatten()]))[0, 1]) < 0.05
+    alone = sample(model, f[1:2], SamplingConfig(steps=5, texture_noise=0.3), noise=noise[1:2])
+    assert torch.allclose(alone, textured[1:2], atol=1e-4)
+
+
 @pytest.mark.parametrize("values,message", [
     (dict(steps=0), "steps"), (dict(steps=5000), "steps"),
     (dict(cfg_scale=-1.0), "cfg_scale"), (dict(cfg_scale=math.nan), "cfg_scale"),
     (dict(cfg_scale=1e9), "cfg_scale"), (dict(cfg_power=0.0), "cfg_power"),
+    (dict(texture_noise=-0.1), "texture_noise"), (dict(texture_noise=math.nan), "texture_noise"),
 ])
 def test_absurd_sampling_settings_are_refused(values, message):
     with pytest.raises(ValueError, match=message):

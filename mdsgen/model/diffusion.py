@@ -32,6 +32,7 @@ class SamplingConfig:
     cfg_power: float = 0.01
     solver_order: int = 2
     solver: str = "dpmsolver++"    # or "ddim"
+    texture_noise: float = 0.0     # std of Gaussian noise left in the sample (see `sample`); 0: none (the paper)
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -42,6 +43,8 @@ class SamplingConfig:
             raise ValueError(f"cfg_scale {self.cfg_scale}: must be between 0 and 50")
         if not (math.isfinite(self.cfg_power) and self.cfg_power > 0):
             raise ValueError(f"cfg_power {self.cfg_power}: must be positive")
+        if not (math.isfinite(self.texture_noise) and 0.0 <= self.texture_noise <= 1.0):
+            raise ValueError(f"texture_noise {self.texture_noise}: must be between 0 and 1")
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -151,7 +154,13 @@ def sample(model: MDSGen, features: torch.Tensor, cfg: SamplingConfig = Sampling
            noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
            on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Latents [B, C, H, W] for frame features [B, T, F]; deterministic given the initial noise.
-    `on_step(done, total)` is called after each solver step (progress for a user who waits)."""
+    `on_step(done, total)` is called after each solver step (progress for a user who waits).
+
+    `cfg.texture_noise` leaves Gaussian noise of that std in the sample: the part of a spectrogram no
+    denoiser can predict (the speckle of noisy sounds, the noise floor), which an x0 model trained on MSE
+    returns as its mean, a smooth mel that a vocoder plays as a buzz (REPORT.md 5g). It is the window's own
+    starting noise rolled by half the grid: still i.i.d. Gaussian, far from where each part of the sample
+    grew from, and as seeded and batch-independent as the rest."""
     c = model.config
     shape = (features.shape[0], c.in_channels, *c.input_size)
     if noise is None:
@@ -168,6 +177,9 @@ def sample(model: MDSGen, features: torch.Tensor, cfg: SamplingConfig = Sampling
         x = scheduler.step(out, t, x).prev_sample
         if on_step is not None:
             on_step(i + 1, len(scheduler.timesteps))
+    if cfg.texture_noise:
+        start = noise.to(x.device, x.dtype)
+        x = x + cfg.texture_noise * start.roll((start.shape[-2] // 2, start.shape[-1] // 2), dims=(-2, -1))
     return x
 
 
