@@ -223,7 +223,7 @@ def test_client_folder_mode(server, tmp_path, badger):
     videos.mkdir()
     make_video(videos / "a.mp4", seconds=2.0)
     make_video(videos / "b.mp4", seconds=3.0, audio=False)
-    shutil.copy(badger, videos / "c.png")  # a picture: its sound lasts --duration; the videos' their own length
+    shutil.copy(badger[0], videos / "c.png")  # a picture: its sound lasts --duration; the videos' their own length
     (videos / "broken.mp4").write_bytes(b"not a video")
     out = tmp_path / "out"
     proc = mdsgen("client", str(videos), "-o", str(out), "--url", server[0].grpc, "--steps", str(STEPS),
