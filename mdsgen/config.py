@@ -10,7 +10,7 @@ import yaml
 
 from mdsgen.data.dataset import DatasetConfig
 from mdsgen.media.audio import AudioConfig
-from mdsgen.media.video import VideoConfig
+from mdsgen.media.video import ReadLimits, VideoConfig
 from mdsgen.model.diffusion import SamplingConfig
 from mdsgen.model.network import MDSGenConfig
 from mdsgen.serving.app import AppConfig
@@ -24,7 +24,8 @@ EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8,
                      "checks": {"latent_std_ratio": [0.8, 1.25], "min_conditioning_gain": 1.02,
                                 "max_own_vs_other": 0.95}}
 SERVING_DEFAULTS = {"host": "127.0.0.1", "ports": [8000, 8001, 8002], "config": None,
-                    "model": "models:/mdsgen@champion", "state_dir": "runs/serving"}
+                    "model": "models:/mdsgen@champion", "state_dir": "runs/serving",
+                    "limits": {"max_windows": 64, "max_steps": 200, "max_video_bytes": 256 << 20}}
 MONITORING_DEFAULTS = {"reference_clips": 48, "components": 4, "seed": 0, "log": "runs/serving/records",
                        "drift_share": 0.5}
 ABLATIONS_DEFAULTS = {"steps": 100, "batch_size": 8, "seeds": [0, 1, 2], "clips": None,
@@ -37,6 +38,7 @@ class Params:
     audio: AudioConfig = field(default_factory=AudioConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    generate: ReadLimits = field(default_factory=ReadLimits)
     train: TrainConfig = field(default_factory=TrainConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
@@ -91,6 +93,7 @@ def parse_params(raw: dict) -> Params:
         audio=_typed(AudioConfig, raw.get("audio"), "audio"),
         video=_typed(VideoConfig, raw.get("video"), "video"),
         sampling=_typed(SamplingConfig, raw.get("sampling"), "sampling"),
+        generate=_typed(ReadLimits, raw.get("generate"), "generate"),
         train=_typed(TrainConfig, raw.get("train"), "train"),
         dataset=_typed(DatasetConfig, raw.get("dataset"), "dataset"),
         vae_train=_typed(VAETrainConfig, raw.get("vae_train"), "vae_train"),

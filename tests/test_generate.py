@@ -7,8 +7,10 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
 from media import make_audio_only, make_video, streams, video_packets
+from procs import ROOT
 
 
 def run_generate(*args, check=False):
@@ -90,6 +92,19 @@ def test_max_seconds_refuses_a_longer_video_before_generating(tmp_path, untraine
     for bad in ("0", "-3", "nan", "ten"):
         proc = run_generate(batch, "-o", out, "--checkpoint", untrained_checkpoint, "--max-seconds", bad)
         assert proc.returncode == 2 and "is not a positive number of seconds" in proc.stderr, proc.stderr
+    # without the flag, params.yaml's `generate` section sets the limits
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["generate"] = {"max_seconds": 4.0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (batch / "short.mp4").unlink()
+    proc = run_generate(batch, "-o", tmp_path / "out2", "--checkpoint", untrained_checkpoint,
+                        "--params", tmp_path / "params.yaml")
+    assert proc.returncode == 1 and "past the limit of 4 s" in proc.stderr, proc.stderr
+    params["generate"] = {"max_seconds": 0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run_generate(batch, "-o", tmp_path / "out3", "--checkpoint", untrained_checkpoint,
+                        "--params", tmp_path / "params.yaml")
+    assert proc.returncode == 2 and "max_seconds 0: must be a number of at least" in proc.stderr, proc.stderr
 
 
 def test_inputs_with_the_same_name_get_their_own_outputs(tmp_path):

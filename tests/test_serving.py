@@ -335,6 +335,37 @@ def test_export_repository_to_s3(s3_server, untrained_checkpoint):
         assert key in keys, key
 
 
+def test_served_limits_come_from_params(tmp_path, untrained_checkpoint):
+    """params.yaml `serving.limits` is written into every config the repository ships (the Triton model reads
+    its limits there); a limit the configs do not have, or one that is not a positive whole number, is refused
+    by name and nothing is written."""
+    import yaml
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["serving"]["limits"] = {"max_windows": 3, "max_video_bytes": 1000}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    out = tmp_path / "repository"
+    mdsgen("serve", "--params", str(path), "--export", str(out), "--model", str(untrained_checkpoint))
+    configs = [out / "mdsgen" / "config.pbtxt", *sorted((out / "mdsgen" / "configs").glob("*.pbtxt"))]
+    assert len(configs) == 3
+    for config in configs:
+        values = {k: v.string_value for k, v in
+                  text_format.Parse(config.read_text(), model_config_pb2.ModelConfig()).parameters.items()}
+        assert values["max_windows"] == "3" and values["max_video_bytes"] == "1000", config
+        assert values["max_steps"] == "200", config  # not named in params.yaml: the shipped value
+    for limits, message in (({"max_window": 3}, "serving.limits.max_window in params.yaml: config.pbtxt has no such"),
+                            ({"max_windows": 0}, "serving.limits.max_windows in params.yaml: 0 is not a positive")):
+        params["serving"]["limits"] = limits
+        path.write_text(yaml.safe_dump(params))
+        refused = mdsgen("serve", "--params", str(path), "--export", str(tmp_path / "refused"),
+                         "--model", str(untrained_checkpoint), check=False)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert not (tmp_path / "refused").exists()
+
+
 def test_serve_the_champion(ci_repo, pipeline_env, bigbuckbunny, tmp_path):
     """The default model is the registry's champion; its registry version becomes the Triton version."""
     from mlflow import MlflowClient

@@ -2,23 +2,26 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from mdsgen.base import storage
-from mdsgen.cli.common import add_generation_args, positive_seconds, report_results, resolve_model
+from mdsgen.cli.common import add_generation_args, positive_seconds, read_params, report_results, resolve_model
 
 
 def cmd_generate(args) -> int:
     from mdsgen.inference.generate import generate_files, with_overrides
-    from mdsgen.media.video import ReadLimits
     from mdsgen.model.checkpoint import load_checkpoint
 
+    limits = read_params(args.params).generate
+    if args.max_seconds is not None:
+        limits = replace(limits, max_seconds=args.max_seconds)
     ckpt = load_checkpoint(resolve_model(args.checkpoint or args.model, args.params), args.device)
     sampling = with_overrides(ckpt.sampling, steps=args.steps, cfg_scale=args.cfg)
     with storage.staged_output(args.output) as outdir:
         results = generate_files(storage.local_input(args.input), outdir, ckpt, sampling, seed=args.seed,
                                  device=args.device, batch_size=args.batch_size, mux=not args.no_mux,
                                  split=args.split, limit=args.limit, still_seconds=args.duration,
-                                 limits=ReadLimits() if args.max_seconds is None else ReadLimits(args.max_seconds))
+                                 limits=limits)
     return report_results(results)
 
 
@@ -39,8 +42,8 @@ def add_commands(sub, params: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=8, help="windows sampled together")
     p.add_argument("--max-seconds", type=positive_seconds,
-                   help="refuse a longer video before decoding its frames (default: 1800; its 4 fps grid of "
-                        "224 x 224 frames is about 1 GB per 30 min)")
+                   help="refuse a longer video before decoding its frames (default: params.yaml generate.max_seconds, "
+                        "1800; its 4 fps grid of 224 x 224 frames is about 1 GB per 30 min)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare-mels", help="a PNG of real vs generated mels for generated WAVs and their videos")

@@ -23,20 +23,21 @@ def cmd_serve(args) -> int:
         print(f"stopped tritonserver (pid {server.pid})" if server else "no server was running")
         return 0
     use_mlflow(args.params)  # the model may be a registry URI
-    model = args.model or settings["model"]
+    model, limits = args.model or settings["model"], settings["limits"]
     if args.export:
         checkpoint, version = triton.resolve_served_model(model)
-        triton.export_repository(checkpoint, args.export, version, reference=args.reference)
+        triton.export_repository(checkpoint, args.export, version, reference=args.reference, limits=limits)
         print(f"wrote a Triton model repository with {triton.MODEL_NAME} version {version} to {args.export}")
         return 0
     if args.reload:
-        server = triton.serve_again(model, state_dir, args.reference, named=bool(args.model))
+        server = triton.serve_again(model, state_dir, args.reference, named=bool(args.model), limits=limits)
         print(f"now serving {triton.MODEL_NAME} version {server.version}" if server else
               f"already serving {triton.MODEL_NAME} version {triton.load_state(state_dir).version}")
         return 0
     server = triton.serve(model, state_dir, args.host or settings["host"], tuple(args.ports or settings["ports"]),
                           args.config or settings["config"],
-                          args.monitor_log if args.monitor_log is not None else p.monitoring["log"], args.reference)
+                          args.monitor_log if args.monitor_log is not None else p.monitoring["log"], args.reference,
+                          limits)
     print(server.endpoints())
     print(f"stop with: mdsgen serve --stop{' --state-dir ' + str(state_dir) if args.state_dir else ''}")
     return 0
@@ -79,7 +80,8 @@ def cmd_app(args) -> int:
         uri = args.checkpoint or args.model or p.serving["model"]
         checkpoint, version = resolve_served_model(uri)
         label = f"{uri} (version {version})" if uri.startswith("models:/") else uri
-        backend = InProcess(VideoToAudio(checkpoint, device=args.device), f"{label}, in this process")
+        backend = InProcess(VideoToAudio(checkpoint, device=args.device, limits=p.generate),
+                            f"{label}, in this process")
     run_app(backend, cfg)
     return 0
 

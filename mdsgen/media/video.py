@@ -43,6 +43,12 @@ class ReadLimits:
     max_pixels: int = 8192 * 4320        # per frame (8K)
     max_aspect: float = 8.0              # longer side over shorter: 4096 x 2 would scale to 458,752 x 224
 
+    def __post_init__(self):
+        for name, least in (("max_seconds", 1e-3), ("max_pixels", 1), ("max_aspect", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value < math.inf:
+                raise ValueError(f"{name} {value!r}: must be a number of at least {least:g}")
+
     @classmethod
     def for_windows(cls, windows: int, cfg: VideoConfig, clip_seconds: float) -> "ReadLimits":
         return cls(max_seconds=clip_seconds + (windows - 1) * cfg.hop_seconds)

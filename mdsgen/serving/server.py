@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -91,19 +92,36 @@ class Server:
 
 # --- the model repository ---------------------------------------------------------------------------
 
+def with_parameters(text: str, values: dict, name: str) -> str:
+    """A Triton model config's text with `values` written over its same-named string parameters, each a
+    positive whole number that must already be there (`name` is the file, for the error)."""
+    known = re.findall(r'key:\s*"([^"]+)"', text)
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"serving.limits.{key} in params.yaml: {value!r} is not a positive whole number")
+        pattern = re.compile(r'(\{\s*key:\s*"%s",\s*value:\s*\{\s*string_value:\s*")[^"]*(")' % re.escape(key))
+        text, count = pattern.subn(lambda m: f"{m.group(1)}{value}{m.group(2)}", text)
+        if count != 1:
+            raise ValueError(f"serving.limits.{key} in params.yaml: {name} has no such parameter; "
+                             f"known: {', '.join(known)}")
+    return text
+
+
 def write_version(repository, checkpoint: str, version: int, template: Path = TEMPLATE,
-                  reference: str | None = None) -> Path:
+                  reference: str | None = None, limits: dict | None = None) -> Path:
     """Add version `version` (a checkpoint folder, local or s3://, and optionally its monitoring reference)
-    to a local repository, with the template's config. The folder appears complete or not at all:
-    Triton may scan at any time."""
+    to a local repository, with the template's configs and `limits` (params.yaml `serving.limits`) written
+    into their parameters. The folder appears complete or not at all: Triton may scan at any time."""
     source = template / MODEL_NAME
     if not (source / "config.pbtxt").is_file():
         raise FileNotFoundError(f"{template}: no Triton model template ({MODEL_NAME}/config.pbtxt); it ships in "
                                 "the repository's serving/ folder: install from a checkout (pip install -e .)")
+    configs = {name: with_parameters((source / name).read_text(), limits or {}, name)  # all checked, then written
+               for name in ["config.pbtxt", *sorted(f"configs/{p.name}" for p in (source / "configs").glob("*.pbtxt"))]}
     model_dir = Path(repository) / MODEL_NAME
-    model_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source / "config.pbtxt", model_dir / "config.pbtxt")
-    shutil.copytree(source / "configs", model_dir / "configs", dirs_exist_ok=True)
+    (model_dir / "configs").mkdir(parents=True, exist_ok=True)
+    for name, text in configs.items():
+        (model_dir / name).write_text(text)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".version-"))  # not a number: Triton ignores it
     shutil.copyfile(source / "model.py", staging / "model.py")
     shutil.copytree(storage.local_dir(checkpoint), staging / CHECKPOINT_DIR)
@@ -127,10 +145,10 @@ def prune_versions(repository, keep: int = KEEP_VERSIONS) -> None:
 
 
 def export_repository(checkpoint: str, destination: str, version: int, template: Path = TEMPLATE,
-                      reference: str | None = None) -> None:
+                      reference: str | None = None, limits: dict | None = None) -> None:
     """A complete repository for a checkpoint at a local folder or an s3:// prefix (for the container)."""
     with tempfile.TemporaryDirectory(prefix="mdsgen-repository-") as tmp:
-        write_version(tmp, checkpoint, version, template, reference)
+        write_version(tmp, checkpoint, version, template, reference, limits)
         storage.upload_dir(tmp, destination)
 
 
@@ -280,10 +298,10 @@ def load_state(state_dir) -> Server | None:
 
 
 def reload(server: Server, state_dir, checkpoint: str, version: int, reference: str | None = None,
-           timeout: float = 300.0) -> Server:
+           timeout: float = 300.0, limits: dict | None = None) -> Server:
     """Serve `checkpoint` as `version`. Triton loads the new version beside the old one, routes new
     requests to it once ready, and unloads the old one after its in-flight requests finish."""
-    write_version(server.repository, checkpoint, version, reference=reference)
+    write_version(server.repository, checkpoint, version, reference=reference, limits=limits)
     request = urllib.request.Request(f"{server.http}/v2/repository/models/{MODEL_NAME}/load", data=b"{}",
                                      method="POST", headers={"Content-Type": "application/json"})
     try:
@@ -300,7 +318,8 @@ def reload(server: Server, state_dir, checkpoint: str, version: int, reference: 
 
 
 def serve(model_uri: str, state_dir, host: str = "127.0.0.1", ports: tuple[int, int, int] = (8000, 8001, 8002),
-          config_name: str | None = None, monitor_log: str | None = None, reference: str | None = None) -> Server:
+          config_name: str | None = None, monitor_log: str | None = None, reference: str | None = None,
+          limits: dict | None = None) -> Server:
     """Put the model that `model_uri` names in the repository under <state_dir> (older versions pruned) and
     start tritonserver on it; refused while a server recorded there is running."""
     running = load_state(state_dir)
@@ -309,12 +328,13 @@ def serve(model_uri: str, state_dir, host: str = "127.0.0.1", ports: tuple[int, 
                          f"--reload swaps its model, --stop stops it")
     repository = Path(state_dir) / "repository"
     checkpoint, version = resolve_served_model(model_uri, repository)
-    write_version(repository, checkpoint, version, reference=reference)
+    write_version(repository, checkpoint, version, reference=reference, limits=limits)
     prune_versions(repository)
     return start(repository, state_dir, host, ports, config_name, monitor_log)
 
 
-def serve_again(model_uri: str, state_dir, reference: str | None = None, named: bool = False) -> Server | None:
+def serve_again(model_uri: str, state_dir, reference: str | None = None, named: bool = False,
+                limits: dict | None = None) -> Server | None:
     """Swap the running server's model for the one `model_uri` names; None when it already serves that
     version and the model was not `named` explicitly (a named model is always loaded again)."""
     running = load_state(state_dir)
@@ -323,7 +343,7 @@ def serve_again(model_uri: str, state_dir, reference: str | None = None, named: 
     checkpoint, version = resolve_served_model(model_uri, Path(state_dir) / "repository")
     if version == running.version and not named:
         return None
-    return reload(running, state_dir, checkpoint, version, reference)
+    return reload(running, state_dir, checkpoint, version, reference, limits=limits)
 
 
 def _terminate(pid: int, timeout: float = 150.0) -> None:
