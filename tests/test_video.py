@@ -101,6 +101,10 @@ def test_videos_that_cost_far_more_than_they_look_are_refused_before_the_work(tm
     huge = two_frames(tmp_path / "huge.mkv", 8640, 4320, 0.25)  # past 8K
     with pytest.raises(MediaError, match=r"8640 x 4320 pixels exceed the limit of 35,389,440 pixels"):
         read_video_windows(huge)
+    crowded = make_video(tmp_path / "crowded.mkv", seconds=4.0, fps=1000, size=(16, 16), codec="ffv1", audio=False)
+    with pytest.raises(MediaError, match=r"frames in its first 0.3\d s: more than the limit of 240 frames per second"):
+        read_video_windows(crowded)
+    assert read_video_windows(crowded, limits=ReadLimits(max_fps=1000)).real_frames == 16  # 4 s on the 4 fps grid
     normal = make_video(tmp_path / "three.mp4", seconds=3.0)  # 160 x 120
     with pytest.raises(MediaError, match=r"160 x 120 pixels exceed the limit of 10,000 pixels"):
         read_video_windows(normal, limits=ReadLimits(max_pixels=10_000))

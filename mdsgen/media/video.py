@@ -42,9 +42,10 @@ class ReadLimits:
     max_seconds: float = 1800.0          # 30 minutes: a 4 fps grid of 224 x 224 frames is about 1 GB
     max_pixels: int = 8192 * 4320        # per frame (8K)
     max_aspect: float = 8.0              # longer side over shorter: 4096 x 2 would scale to 458,752 x 224
+    max_fps: float = 240.0               # decoded frames per second of video (slow motion phones record 240)
 
     def __post_init__(self):
-        for name, least in (("max_seconds", 1e-3), ("max_pixels", 1), ("max_aspect", 1)):
+        for name, least in (("max_seconds", 1e-3), ("max_pixels", 1), ("max_aspect", 1), ("max_fps", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value < math.inf:
                 raise ValueError(f"{name} {value!r}: must be a number of at least {least:g}")
@@ -153,7 +154,7 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
         check_frame_size(path, stream.codec_context.width or 1, stream.codec_context.height or 1, limits)
         if container.duration:  # what the container claims, before decoding anything
             check_time(container.duration / av.time_base)
-        start, current, current_rgb = None, None, None
+        start, current, current_rgb, decoded = None, None, None, 0
 
         def shown():  # each decoded frame is converted once, however many grid times it covers
             nonlocal current_rgb
@@ -169,6 +170,10 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
                     start = frame.time
                 t = frame.time - start
                 check_time(t)
+                decoded += 1  # frames crowded into little time (or sharing one) cost decoding all the same
+                if decoded > limits.max_fps * (t + 1.0):
+                    raise MediaError(path, f"{decoded} frames in its first {t:.2f} s: more than the limit of "
+                                           f"{limits.max_fps:g} frames per second")
                 if current is None or (frame.width, frame.height) != (current.width, current.height):
                     check_frame_size(path, frame.width, frame.height, limits)
                 # the frame on screen at grid time k / fps is the last one that started by then
