@@ -301,19 +301,37 @@ def test_reload_keeps_in_flight_requests(server, client, bigbuckbunny, tmp_path)
 
 @pytest.mark.slow  # starts tritonserver
 def test_serve_refuses_a_second_server_and_stops_cleanly(tmp_path, untrained_checkpoint, bigbuckbunny):
+    """Also: with an admin key (as serving/kserve.yaml runs it) the model-repository API answers only
+    requests that carry the key; inference stays open and `mdsgen serve --reload` sends the key."""
     import os
+    import re
+    import urllib.error
+    import urllib.request
 
     from mdsgen.serving.client import SoundtrackClient
-    from mdsgen.serving.server import load_state
+    from mdsgen.serving.server import ADMIN_HEADER, RESTRICTED_APIS, load_state
 
+    kserve = (ROOT / "serving" / "kserve.yaml").read_text()
+    assert re.findall(r"--(?:http-restricted-api|grpc-restricted-protocol)=([^:]+):" + ADMIN_HEADER, kserve) == \
+        [RESTRICTED_APIS] * 2  # the manifest restricts what `mdsgen serve` does
+    env = {**os.environ, "MDSGEN_ADMIN_KEY": "k3y-for-this-test"}
     state = tmp_path / "serving"
     mdsgen("serve", "--model", str(untrained_checkpoint), "--ports", "0", "0", "0", "--state-dir", str(state),
-           "--monitor-log", "")
+           "--monitor-log", "", env=env)
     server = load_state(state)
     try:
         again = mdsgen("serve", "--model", str(untrained_checkpoint), "--state-dir", str(state), check=False)
         assert again.returncode == 2 and "already running" in again.stderr
+        unload = urllib.request.Request(f"{server.http}/v2/repository/models/mdsgen/unload", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(unload, timeout=30)
+        assert refused.value.code in (401, 403), refused.value.code
         assert SoundtrackClient(server.grpc).soundtrack(bigbuckbunny, steps=STEPS).sample_rate == 16000
+        reload = mdsgen("serve", "--reload", "--model", str(untrained_checkpoint), "--state-dir", str(state), env=env)
+        assert "now serving mdsgen version 2" in reload.stdout, reload.stdout
+        unkeyed = mdsgen("serve", "--reload", "--model", str(untrained_checkpoint), "--state-dir", str(state),
+                         check=False)
+        assert unkeyed.returncode == 2 and "refused to load version 3" in unkeyed.stderr, unkeyed.stderr
     finally:
         stopped = mdsgen("serve", "--stop", "--state-dir", str(state))
     assert f"pid {server.pid}" in stopped.stdout and not (state / "server.json").exists()

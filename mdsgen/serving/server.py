@@ -31,6 +31,12 @@ CHECKPOINT_DIR = "checkpoint"  # inside the version folder
 MONITOR_LOG_ENV = "MDSGEN_MONITOR_LOG"  # where the model appends request records (a folder or s3:// prefix)
 TEMPLATE = Path(__file__).resolve().parents[2] / "serving"
 KEEP_VERSIONS = 2  # the served one and the one before (still draining its requests during a reload)
+# With $MDSGEN_ADMIN_KEY set, the APIs that load, unload or reconfigure models (a config override can run a
+# caller's Python in the server) answer only requests with that key in this header, as serving/kserve.yaml
+# sets them up; inference, health, metadata and statistics stay open.
+ADMIN_KEY_ENV = "MDSGEN_ADMIN_KEY"
+ADMIN_HEADER = "mdsgen-admin-key"
+RESTRICTED_APIS = "model-repository,model-config,shared-memory,trace,logging"
 
 
 @dataclass
@@ -266,6 +272,9 @@ def start(repository, state_dir, host: str = "127.0.0.1", ports: tuple[int, int,
                "--allow-cpu-metrics=true", "--exit-timeout-secs=120"]
     if config_name:
         command.append(f"--model-config-name={config_name}")
+    if os.environ.get(ADMIN_KEY_ENV):  # tritonserver takes the key only as an argument: other local users can read it
+        restriction = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={os.environ[ADMIN_KEY_ENV]}"
+        command += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
     log_path = state_dir / "tritonserver.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, env=_server_env(monitor_log), stdout=log, stderr=subprocess.STDOUT,
@@ -302,8 +311,11 @@ def reload(server: Server, state_dir, checkpoint: str, version: int, reference: 
     """Serve `checkpoint` as `version`. Triton loads the new version beside the old one, routes new
     requests to it once ready, and unloads the old one after its in-flight requests finish."""
     write_version(server.repository, checkpoint, version, reference=reference, limits=limits)
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(ADMIN_KEY_ENV):
+        headers[ADMIN_HEADER] = os.environ[ADMIN_KEY_ENV]
     request = urllib.request.Request(f"{server.http}/v2/repository/models/{MODEL_NAME}/load", data=b"{}",
-                                     method="POST", headers={"Content-Type": "application/json"})
+                                     method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             pass
