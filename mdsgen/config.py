@@ -25,7 +25,7 @@ EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8,
                                 "max_own_vs_other": 0.95}}
 SERVING_DEFAULTS = {"host": "127.0.0.1", "ports": [8000, 8001, 8002], "config": None,
                     "model": "models:/mdsgen@champion", "state_dir": "runs/serving",
-                    "limits": {"max_windows": 64, "max_steps": 200, "max_video_bytes": 256 << 20}}
+                    "limits": {}}  # none given: the shipped configs' values
 MONITORING_DEFAULTS = {"reference_clips": 48, "components": 4, "seed": 0, "log": "runs/serving/records",
                        "drift_share": 0.5}
 ABLATIONS_DEFAULTS = {"steps": 100, "batch_size": 8, "seeds": [0, 1, 2], "clips": None,

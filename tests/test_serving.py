@@ -309,7 +309,7 @@ def test_serve_refuses_a_second_server_and_stops_cleanly(tmp_path, untrained_che
     import urllib.request
 
     from mdsgen.serving.client import SoundtrackClient
-    from mdsgen.serving.server import ADMIN_HEADER, RESTRICTED_APIS, load_state
+    from mdsgen.serving.server import ADMIN_HEADER, RESTRICTED_APIS, load_state, versions
 
     kserve = (ROOT / "serving" / "kserve.yaml").read_text()
     assert re.findall(r"--(?:http-restricted-api|grpc-restricted-protocol)=([^:]+):" + ADMIN_HEADER, kserve) == \
@@ -332,6 +332,7 @@ def test_serve_refuses_a_second_server_and_stops_cleanly(tmp_path, untrained_che
         unkeyed = mdsgen("serve", "--reload", "--model", str(untrained_checkpoint), "--state-dir", str(state),
                          check=False)
         assert unkeyed.returncode == 2 and "refused to load version 3" in unkeyed.stderr, unkeyed.stderr
+        assert versions(state / "repository") == [1, 2]  # the refused version is not left for the next start
     finally:
         stopped = mdsgen("serve", "--stop", "--state-dir", str(state))
     assert f"pid {server.pid}" in stopped.stdout and not (state / "server.json").exists()

@@ -310,7 +310,7 @@ def reload(server: Server, state_dir, checkpoint: str, version: int, reference: 
            timeout: float = 300.0, limits: dict | None = None) -> Server:
     """Serve `checkpoint` as `version`. Triton loads the new version beside the old one, routes new
     requests to it once ready, and unloads the old one after its in-flight requests finish."""
-    write_version(server.repository, checkpoint, version, reference=reference, limits=limits)
+    written = write_version(server.repository, checkpoint, version, reference=reference, limits=limits)
     headers = {"Content-Type": "application/json"}
     if os.environ.get(ADMIN_KEY_ENV):
         headers[ADMIN_HEADER] = os.environ[ADMIN_KEY_ENV]
@@ -320,6 +320,7 @@ def reload(server: Server, state_dir, checkpoint: str, version: int, reference: 
         with urllib.request.urlopen(request, timeout=timeout):
             pass
     except urllib.error.HTTPError as err:
+        shutil.rmtree(written)  # not left to be served by the next start
         raise ServingError(f"tritonserver refused to load version {version}: {err.read().decode(errors='replace')}")
     if _get(f"{server.http}/v2/models/{MODEL_NAME}/versions/{version}/ready") != 200:
         raise ServingError(f"version {version} is not ready after the load (see {server.log})")
