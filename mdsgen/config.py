@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 import io
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from mdsgen.data.dataset import DatasetConfig
+from mdsgen.evaluation.evaluate import Checks
 from mdsgen.media.audio import AudioConfig
 from mdsgen.media.video import ReadLimits, VideoConfig
 from mdsgen.model.diffusion import SamplingConfig
@@ -21,8 +22,7 @@ from mdsgen.training.vae_train import VAETrainConfig
 MLFLOW_DEFAULTS = {"tracking_uri": None, "experiment": "mdsgen", "registered_model": "mdsgen",
                    "gate": {"frechet_distance": "lower", "onset_f1": "higher"}}
 EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8,
-                     "checks": {"latent_std_ratio": [0.8, 1.25], "min_conditioning_gain": 1.02,
-                                "max_own_vs_other": 0.95}}
+                     "checks": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(Checks()).items()}}
 SERVING_DEFAULTS = {"host": "127.0.0.1", "ports": [8000, 8001, 8002], "config": None,
                     "model": "models:/mdsgen@champion", "state_dir": "runs/serving",
                     "limits": {}}  # none given: the shipped configs' values
@@ -80,6 +80,12 @@ def _free_section(defaults: dict, values: dict | None, section: str, known: set[
     return dict(defaults, **(values or {}))
 
 
+def _evaluate_section(values: dict | None) -> dict:
+    section = _section(EVALUATE_DEFAULTS, values, "evaluate")
+    Checks.from_params(section["checks"])  # unknown or malformed checks are refused when params are read
+    return section
+
+
 MODEL_KEYS = {"size"} | {f.name for f in fields(MDSGenConfig)}
 FRAME_ENCODER_KEYS = {"name", "weights"}
 
@@ -104,7 +110,7 @@ def parse_params(raw: dict) -> Params:
         frame_encoder=_free_section({}, raw.get("frame_encoder") or Params().frame_encoder, "frame_encoder",
                                     FRAME_ENCODER_KEYS),
         mlflow=_section(MLFLOW_DEFAULTS, raw.get("mlflow"), "mlflow"),
-        evaluate=_section(EVALUATE_DEFAULTS, raw.get("evaluate"), "evaluate"),
+        evaluate=_evaluate_section(raw.get("evaluate")),
         align=_section(ALIGN_DEFAULTS, raw.get("align"), "align"),
         serving=_section(SERVING_DEFAULTS, raw.get("serving"), "serving"),
         monitoring=_section(MONITORING_DEFAULTS, raw.get("monitoring"), "monitoring"),

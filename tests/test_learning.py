@@ -103,13 +103,16 @@ def train_demo_recipe(latents, features, cfg_dropout: float, seed: int = 0) -> M
 
 
 def diagnostics_of(model, latents, features, seed: int = 7):
-    from mdsgen.config import EVALUATE_DEFAULTS
-    from mdsgen.evaluation.evaluate import diagnose
+    """The promotion gate's latent diagnostics with their default bounds (the sample-based shuffled-video
+    control needs the audio metrics: tests/test_pipeline.py)."""
+    from mdsgen.evaluation.evaluate import Checks, diagnose
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     samples = sample(model, features, SamplingConfig(steps=25, cfg_scale=2.0, solver="ddim"), noise=noise)
     partners = [(i + 1) % len(latents) for i in range(len(latents))]
-    return diagnose(model, samples, latents, features, partners, EVALUATE_DEFAULTS["checks"])
+    diagnostics = diagnose(model, samples, latents, features, partners)
+    failures = Checks().diagnostic_failures(diagnostics)
+    return {**diagnostics, "diagnostics_pass": float(not failures), "diagnostics_failures": "; ".join(failures)}
 
 
 def test_diagnostics_pass_a_model_that_listens_and_fail_one_that_does_not():
@@ -118,7 +121,7 @@ def test_diagnostics_pass_a_model_that_listens_and_fail_one_that_does_not():
     latents, features = demo_mels()
     listening = diagnostics_of(train_demo_recipe(latents, features, cfg_dropout=0.1), latents, features)
     assert listening["diagnostics_pass"] == 1.0, listening
-    assert 0.8 <= listening["latent_std_ratio"] <= 1.25 and listening["conditioning_gain"] > 1.02, listening
+    assert 0.8 <= listening["latent_std_ratio"] <= 1.25 and listening["conditioning_gain_peak"] > 1.02, listening
 
     deaf = diagnostics_of(train_demo_recipe(latents, features, cfg_dropout=1.0), latents, features)
     assert deaf["diagnostics_pass"] == 0.0 and "conditioning_gain" in deaf["diagnostics_failures"], deaf

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mdsgen.evaluation.align import AlignConfig, AlignmentClassifier, negatives
-from mdsgen.evaluation.evaluate import nearest_training_clips, shuffled_partners
+from mdsgen.evaluation.evaluate import Checks, nearest_training_clips, shuffled_partners
 from mdsgen.evaluation.metrics import (SoundNet, class_agreement, frechet_distance, inception_score, onset_sync,
                             paired_kl)
 from mdsgen.evaluation.registry import gate_decision
@@ -142,3 +142,37 @@ def test_the_object_probe_tells_objects_apart_and_noise_from_both():
     assert probe.match(noise, labels) <= 1 / 3 + 1e-9                   # one label for all: chance at best
     with pytest.raises(ValueError, match="at least two labels"):
         ObjectProbe(waves[:3], ["low"] * 3, audio)
+
+
+def diagnostics(gains, std_ratio=1.0, own_vs_other=0.5):
+    return {"latent_std_ratio": std_ratio, "conditioning_gain_peak": max(gains),
+            **{f"conditioning_gain_t{t}": g for t, g in zip((100, 300, 500, 700, 900), gains)},
+            "own_vs_other_distance": own_vs_other}
+
+
+def test_the_gate_checks_the_peak_conditioning_gain_and_the_shuffled_video_control():
+    checks = Checks()
+    # a model whose video helps only at high noise (its mean over t is below 1.02) listens: it passes
+    assert checks.diagnostic_failures(diagnostics([0.99, 0.98, 0.98, 1.05, 1.20])) == []
+    # a model that ignores the video: every gain at 1.00 (the failure this check exists for)
+    deaf = checks.diagnostic_failures(diagnostics([1.0, 1.001, 0.999, 1.004, 1.01]))
+    assert len(deaf) == 1 and deaf[0].startswith("conditioning_gain_peak 1.010 < 1.02")
+    assert len(checks.diagnostic_failures(diagnostics([1.1] * 5, std_ratio=3.3, own_vs_other=1.0))) == 2
+    assert "not finite" in checks.diagnostic_failures(diagnostics([1.1] * 5, std_ratio=float("nan")))[0]
+
+    model, shuffled = {"class_agreement": 0.20, "onset_auc": 0.70}, {"class_agreement": 0.02, "onset_auc": 0.53}
+    assert checks.control_failures(model, shuffled) == []
+    near = checks.control_failures({"class_agreement": 0.21, "onset_auc": 0.70}, {"class_agreement": 0.20, "onset_auc": 0.53})
+    assert len(near) == 1 and near[0].startswith("class_agreement 0.210 is not 0.05 above")
+    # no onsets known on this test set: the asked-for sync check cannot pass silently
+    missing = checks.control_failures({"class_agreement": 0.2}, {"class_agreement": 0.0})
+    assert missing == ["onset_auc not measured, so not checked against the shuffled-video control"]
+
+
+def test_checks_refuse_an_unknown_or_malformed_bound():
+    assert Checks.from_params(None) is None
+    assert Checks.from_params({"min_conditioning_gain": 1.1}).latent_std_ratio == (0.8, 1.25)
+    with pytest.raises(ValueError, match=r"unknown keys \['min_gain'\]"):
+        Checks.from_params({"min_gain": 1.1})
+    with pytest.raises(ValueError, match="low < high"):
+        Checks.from_params({"latent_std_ratio": [1.25, 0.8]})

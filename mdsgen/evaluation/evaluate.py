@@ -16,17 +16,18 @@ on aisfx; object match (a spectrum classifier fit on the training split's record
 sound like its own label's object); onset sync against the dataset's true event onsets; the share of
 (video, audio) pairs the alignment classifier judges aligned; and, for the model, parameters, seconds per clip and peak memory.
 
-Diagnostics that an audio metric cannot be fooled past (`diagnose`): the sampled latents' spread against
-the real ones, the conditioning gain (the unconditional prediction's error over the conditional one at a
-few t) and how much closer each sample is to its own clip's latent than to another clip's. `checks` in
-params.yaml's `evaluate` section sets their bounds; a model that fails one is never promoted.
+Diagnostics that an audio metric cannot be fooled past (`diagnose`, `Checks`): the sampled latents' spread
+against the real ones, the conditioning gain (the unconditional prediction's error over the conditional one at
+a few t), how much closer each sample is to its own clip's latent than to another clip's, and how far the
+model's audio stays above the same model fed shuffled videos. `checks` in params.yaml's `evaluate` section
+sets their bounds; a model that fails one is never promoted.
 """
 from __future__ import annotations
 
 import json
 import resource
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -43,8 +44,6 @@ from mdsgen.model.diffusion import conditioning_gain
 from mdsgen.model.vae import MelStandardizer
 
 SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuffled_video", "real_audio")
-DIAGNOSTICS = ("latent_std_ratio", "latent_abs_max", "real_latent_abs_max", "conditioning_gain",
-               "own_vs_other_distance", "diagnostics_pass")
 TABLE_METRICS = ("frechet_distance", "kl", "inception_score", "class_agreement", "object_match",
                  "onset_median_error_ms", "onset_recall", "onset_precision", "onset_f1", "onset_auc", "align_aligned_share")
 LOWER_IS_BETTER = {"frechet_distance", "kl", "onset_median_error_ms"}
@@ -68,33 +67,68 @@ def nearest_training_clips(test_features: torch.Tensor, train_features: torch.Te
     return (unit(test_features) @ unit(train_features).T).argmax(1)
 
 
-def diagnose(model, samples: torch.Tensor, real: torch.Tensor, features: torch.Tensor,
-             partners: list[int], checks: dict | None, device: str = "cpu") -> dict:
-    """Sample statistics against the real latents, conditioning gain, own-vs-other distance, and the
-    verdict of `checks` ({latent_std_ratio: [lo, hi], min_conditioning_gain, max_own_vs_other}; None: no
-    verdict is enforced, `diagnostics_pass` is then 1)."""
+@dataclass(frozen=True)
+class Checks:
+    """The bounds a model must meet to be promoted (params.yaml `evaluate.checks`; null: none enforced)."""
+    latent_std_ratio: tuple[float, float] = (0.8, 1.25)  # sampled latents' std over the real test latents'
+    # the largest gain over the measured t: the video must measurably help the denoiser at some noise level
+    # (at low noise the noisy latent already fixes the answer, so a mean over t dilutes a real gain)
+    min_conditioning_gain: float = 1.02
+    max_own_vs_other: float = 0.95  # a sample's distance to its own clip's latent over that to another clip's
+    # per metric, how far the model must score above the same model fed shuffled videos
+    min_over_shuffled: dict = field(default_factory=lambda: {"class_agreement": 0.05, "onset_auc": 0.05})
+
+    def __post_init__(self):
+        lo, hi = self.latent_std_ratio
+        if not 0 <= lo < hi:
+            raise ValueError(f"evaluate.checks.latent_std_ratio {self.latent_std_ratio}: want [low, high], low < high")
+
+    @classmethod
+    def from_params(cls, values: dict | None) -> "Checks | None":
+        if values is None:
+            return None
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"params.yaml [evaluate.checks]: unknown keys {sorted(unknown)}; "
+                             f"known: {sorted(f.name for f in fields(cls))}")
+        return cls(**{k: tuple(v) if k == "latent_std_ratio" else v for k, v in values.items()})
+
+    def diagnostic_failures(self, diagnostics: dict) -> list[str]:
+        lo, hi = self.latent_std_ratio
+        failures = [f"{k} is not finite" for k, v in diagnostics.items() if not np.isfinite(v)]
+        if not lo <= diagnostics["latent_std_ratio"] <= hi:
+            failures.append(f"latent_std_ratio {diagnostics['latent_std_ratio']:.3f} outside [{lo}, {hi}]")
+        if diagnostics["conditioning_gain_peak"] < self.min_conditioning_gain:
+            failures.append(f"conditioning_gain_peak {diagnostics['conditioning_gain_peak']:.3f} < "
+                            f"{self.min_conditioning_gain}")
+        if diagnostics["own_vs_other_distance"] > self.max_own_vs_other:
+            failures.append(f"own_vs_other_distance {diagnostics['own_vs_other_distance']:.3f} > {self.max_own_vs_other}")
+        return failures
+
+    def control_failures(self, model: dict, shuffled: dict) -> list[str]:
+        """The model against its shuffled-video control: a metric either lacks is a failure (it was asked for)."""
+        failures = []
+        for metric, margin in self.min_over_shuffled.items():
+            if metric not in model or metric not in shuffled:
+                failures.append(f"{metric} not measured, so not checked against the shuffled-video control")
+            elif model[metric] < shuffled[metric] + margin:
+                failures.append(f"{metric} {model[metric]:.3f} is not {margin} above the shuffled-video "
+                                f"control's {shuffled[metric]:.3f}")
+        return failures
+
+
+def diagnose(model, samples: torch.Tensor, real: torch.Tensor, features: torch.Tensor, partners: list[int],
+             device: str = "cpu") -> dict:
+    """Sample statistics against the real latents, conditioning gain and own-vs-other distance."""
     own = (samples - real).pow(2).flatten(1).mean(1)
     other = (samples - real[partners]).pow(2).flatten(1).mean(1)
     gains = conditioning_gain(model, real.to(device), features.to(device))
-    out = {"latent_std_ratio": (samples.std() / real.std()).item(), "latent_abs_max": samples.abs().max().item(),
-           "real_latent_abs_max": real.abs().max().item(),
-           "conditioning_gain": float(np.mean([g["gain"] for g in gains.values()])),
-           **{f"conditioning_gain_t{t}": g["gain"] for t, g in gains.items()},
-           "own_vs_other_distance": (own.mean() / other.mean()).item()}
-    failures = []
-    if checks:
-        lo, hi = checks.get("latent_std_ratio", (0.0, float("inf")))
-        if not lo <= out["latent_std_ratio"] <= hi:
-            failures.append(f"latent_std_ratio {out['latent_std_ratio']:.3f} outside [{lo}, {hi}]")
-        if out["conditioning_gain"] < checks.get("min_conditioning_gain", 0.0):
-            failures.append(f"conditioning_gain {out['conditioning_gain']:.3f} < {checks['min_conditioning_gain']}")
-        if out["own_vs_other_distance"] > checks.get("max_own_vs_other", float("inf")):
-            failures.append(f"own_vs_other_distance {out['own_vs_other_distance']:.3f} > {checks['max_own_vs_other']}")
-        nonfinite = [k for k, v in out.items() if not np.isfinite(v)]
-        failures += [f"{k} is not finite" for k in nonfinite]
-    out["diagnostics_pass"] = float(not failures)
-    out["diagnostics_failures"] = "; ".join(failures)
-    return out
+    return {"latent_std_ratio": (samples.std() / real.std()).item(), "latent_abs_max": samples.abs().max().item(),
+            "real_latent_abs_max": real.abs().max().item(),
+            "conditioning_gain": float(np.mean([g["gain"] for g in gains.values()])),
+            "conditioning_gain_peak": max(g["gain"] for g in gains.values()),
+            **{f"conditioning_gain_t{t}": g["gain"] for t, g in gains.items()},
+            "own_vs_other_distance": (own.mean() / other.mean()).item()}
 
 
 def peak_memory_mb(device: str) -> float:
@@ -173,6 +207,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
     """All systems' metrics on the test split, plus the data the report draws from; `progress(stage)` is
     told each stage as it starts."""
     sampling = sampling or ckpt.sampling
+    checks = Checks.from_params(settings.get("checks"))  # refused before the work, not after
     progress("the test set: recordings, their aisfx embeddings, the object probe")
     tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.get("clips"), device)
     train = load_latents(latents_dir, "train")
@@ -183,7 +218,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
     waves = {"model": model_waves}
     partners = shuffled_partners(tests.labels, settings["seed"])
     progress("diagnostics: latent statistics, conditioning gain")
-    diagnostics = diagnose(ckpt.model, latents, tests.latents, tests.features, partners, settings.get("checks"), device)
+    diagnostics = diagnose(ckpt.model, latents, tests.latents, tests.features, partners, device)
     progress("the model fed shuffled videos, the codec, retrieval")
     shuffled = core.denoise(tests.features[partners], core.noise(tests.n, settings["seed"]), sampling)
     waves["model_shuffled_video"] = core.waves(shuffled).numpy()
@@ -201,7 +236,9 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
     progress(f"scoring {len(SYSTEMS)} systems")
     results = {name: tests.score(waves[name], real=name == "real_audio") for name in SYSTEMS}
     results["model"].update(efficiency)
-    results["model"].update({k: v for k, v in diagnostics.items() if k != "diagnostics_failures"})
+    failures = (checks.diagnostic_failures(diagnostics)
+                + checks.control_failures(results["model"], results["model_shuffled_video"])) if checks else []
+    results["model"].update(diagnostics, diagnostics_pass=float(not failures))
     retrieval_labels = [train["labels"][i] for i in nearest.tolist()]
     return {"systems": results, "clips": tests.n, "clips_with_onsets": len(tests.timed),
             "retrieval_label_match": float(np.mean([a == b for a, b in zip(retrieval_labels, tests.labels)])),
@@ -209,7 +246,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
                          "solver": sampling.solver},
             "audio": asdict(ckpt.audio),
             "seed": settings["seed"], "clip_ids": tests.ids,
-            "diagnostics_failures": diagnostics["diagnostics_failures"], "waves": waves, "sample_rate": ckpt.audio.sample_rate}
+            "diagnostics_failures": "; ".join(failures), "waves": waves, "sample_rate": ckpt.audio.sample_rate}
 
 
 def markdown_table(result: dict) -> str:
@@ -232,7 +269,8 @@ def markdown_table(result: dict) -> str:
         verdict = "pass" if e["diagnostics_pass"] else f"FAIL ({result.get('diagnostics_failures')})"
         lines += ["", f"Diagnostics ({verdict}): sampled latent std {e['latent_std_ratio']:.3f}x the real "
                   f"(abs max {e['latent_abs_max']:.2f} vs {e['real_latent_abs_max']:.2f}); conditioning gain "
-                  f"(unconditional / conditional prediction error) {gains}; sample-to-own-latent over "
+                  f"(unconditional / conditional prediction error) {gains} (peak {e['conditioning_gain_peak']:.3f}); "
+                  f"sample-to-own-latent over "
                   f"sample-to-other-clip distance {e['own_vs_other_distance']:.3f}."]
     return "\n".join(lines) + "\n"
 

@@ -184,7 +184,7 @@ def sample(model: MDSGen, features: torch.Tensor, cfg: SamplingConfig = Sampling
 
 
 @torch.no_grad()
-def conditioning_gain(model: MDSGen, x0: torch.Tensor, features: torch.Tensor, timesteps=(100, 300, 500, 700),
+def conditioning_gain(model: MDSGen, x0: torch.Tensor, features: torch.Tensor, timesteps=(100, 300, 500, 700, 900),
                       seed: int = 0) -> dict:
     """Per timestep: the unconditional (features zeroed) prediction error over the conditional one, on the
     same noisy latents. Above 1 the video helps the denoiser; 1.000 means the conditioning is ignored."""
