@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,11 @@ def test_hifigan_mel_format_round_trips_a_real_recording(badger):
     late = (again - mel.roll(43, dims=-1)).abs().mean().item()  # the same sound half a second late
     # measured: 0.015-0.024 (mel L1 favours Griffin-Lim, which fits the spectrum; aisfx prefers HiFi-GAN)
     assert error < 0.04 and error < 0.5 * late, (error, late)
+    # under bf16 autocast (the demo's setting) the vocoder renders the same sound
+    bf16 = vocode(mel[None], dataclasses.replace(HIFIGAN, vocoder_precision="bf16"))
+    assert bf16.dtype == torch.float32 and bf16.shape == rebuilt.shape
+    drift = (wave_to_mel(bf16[0], HIFIGAN) - again).abs().mean().item()
+    assert drift < 0.25 * error, (drift, error)  # measured 0.002 against 0.024
 
 
 def test_hifigan_needs_its_own_mel_format():
@@ -97,3 +104,5 @@ def test_hifigan_needs_its_own_mel_format():
         AudioConfig(vocoder="hifigan")  # the paper's 16 kHz, 128-bin mel
     with pytest.raises(ValueError, match="mel_scale"):
         AudioConfig(mel_scale="decibel")
+    with pytest.raises(ValueError, match="vocoder_precision 'fp16'"):
+        AudioConfig(vocoder_precision="fp16")

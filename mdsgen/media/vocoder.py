@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
+from mdsgen.base.precision import autocast
 from mdsgen.media.audio import AudioConfig, log_mel
 
 WEIGHTS = "generator_universal.pth.tar"
@@ -55,5 +56,6 @@ def hifigan(mel: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     """`log`-format mels [B, 80, frames] in [0, 1] -> waves [B, frames * 256] at 22,050 Hz."""
     with _lock:  # the lru_cache is not a lock: two threads must not build the network twice at once
         generator = load_generator(str(mel.device))
-    waves = [generator(log_mel(part)).squeeze(1) for part in mel.split(CHUNK)]
-    return torch.cat(waves)[..., :mel.shape[-1] * cfg.hop_length].float()
+    with autocast(mel.device.type, cfg.vocoder_precision, "audio.vocoder_precision"):
+        waves = [generator(log_mel(part)).squeeze(1).float() for part in mel.split(CHUNK)]
+    return torch.cat(waves)[..., :mel.shape[-1] * cfg.hop_length]
