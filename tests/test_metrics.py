@@ -167,6 +167,7 @@ def test_the_gate_checks_the_peak_conditioning_gain_and_the_shuffled_video_contr
     # no onsets known on this test set: the asked-for sync check cannot pass silently
     missing = checks.control_failures({"class_agreement": 0.2}, {"class_agreement": 0.0})
     assert missing == ["onset_auc not measured, so not checked against the shuffled-video control"]
+    assert len(checks.control_failures({**model, "onset_auc": float("nan")}, shuffled)) == 1
 
 
 def test_checks_refuse_an_unknown_or_malformed_bound():

@@ -111,7 +111,7 @@ class Checks:
         for metric, margin in self.min_over_shuffled.items():
             if metric not in model or metric not in shuffled:
                 failures.append(f"{metric} not measured, so not checked against the shuffled-video control")
-            elif model[metric] < shuffled[metric] + margin:
+            elif not model[metric] >= shuffled[metric] + margin:  # NaN fails too
                 failures.append(f"{metric} {model[metric]:.3f} is not {margin} above the shuffled-video "
                                 f"control's {shuffled[metric]:.3f}")
         return failures
