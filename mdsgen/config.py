@@ -3,34 +3,27 @@ from __future__ import annotations
 
 import copy
 import io
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from mdsgen.data.dataset import DatasetConfig
-from mdsgen.evaluation.evaluate import Checks
+from mdsgen.data.features import FeatureExtraction
+from mdsgen.evaluation.align import AlignTraining
+from mdsgen.evaluation.evaluate import EvaluateConfig
+from mdsgen.evaluation.tracking import TrackingConfig
 from mdsgen.media.audio import AudioConfig
 from mdsgen.media.video import ReadLimits, VideoConfig
 from mdsgen.model.diffusion import SamplingConfig
 from mdsgen.model.network import MDSGenConfig
+from mdsgen.model.vae import VAESettings
 from mdsgen.serving.app import AppConfig
+from mdsgen.serving.monitoring import MonitoringConfig
+from mdsgen.serving.server import ServingConfig
+from mdsgen.training.ablations import AblationConfig
 from mdsgen.training.train import TrainConfig
 from mdsgen.training.vae_train import VAETrainConfig
-
-
-MLFLOW_DEFAULTS = {"tracking_uri": None, "experiment": "mdsgen", "registered_model": "mdsgen",
-                   "gate": {"frechet_distance": "lower", "onset_f1": "higher"}}
-EVALUATE_DEFAULTS = {"seed": 0, "clips": None, "batch_size": 8,
-                     "checks": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(Checks()).items()}}
-SERVING_DEFAULTS = {"host": "127.0.0.1", "ports": [8000, 8001, 8002], "config": None,
-                    "model": "models:/mdsgen@champion", "state_dir": "runs/serving",
-                    "limits": {}}  # none given: the shipped configs' values
-MONITORING_DEFAULTS = {"reference_clips": 48, "components": 4, "seed": 0, "log": "runs/serving/records",
-                       "drift_share": 0.5}
-ABLATIONS_DEFAULTS = {"steps": 100, "batch_size": 8, "seeds": [0, 1, 2], "clips": None,
-                      "experiment": "mdsgen-ablations", "out": "reports/ablations", "state_dir": "runs/ablations"}
-ALIGN_DEFAULTS = {"steps": 600, "batch_size": 32, "lr": 1e-3, "max_shift_seconds": 2.0, "seed": 0}
 
 
 @dataclass
@@ -43,15 +36,15 @@ class Params:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
     model: dict = field(default_factory=lambda: {"size": "T"})       # size + MDSGenConfig overrides
-    vae: dict = field(default_factory=lambda: {"config": "small", "decode_channel": 1, "path": None})
-    frame_encoder: dict = field(default_factory=lambda: {"name": "efficientnet-lite0"})
-    features: dict = field(default_factory=lambda: {"workers": 2})
-    mlflow: dict = field(default_factory=lambda: copy.deepcopy(MLFLOW_DEFAULTS))
-    evaluate: dict = field(default_factory=lambda: dict(EVALUATE_DEFAULTS))
-    align: dict = field(default_factory=lambda: dict(ALIGN_DEFAULTS))
-    serving: dict = field(default_factory=lambda: copy.deepcopy(SERVING_DEFAULTS))
-    monitoring: dict = field(default_factory=lambda: dict(MONITORING_DEFAULTS))
-    ablations: dict = field(default_factory=lambda: copy.deepcopy(ABLATIONS_DEFAULTS))
+    vae: VAESettings = field(default_factory=VAESettings)
+    frame_encoder: dict = field(default_factory=lambda: {"name": "efficientnet-lite0"})  # build_frame_encoder's spec
+    features: FeatureExtraction = field(default_factory=FeatureExtraction)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    align: AlignTraining = field(default_factory=AlignTraining)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    ablations: AblationConfig = field(default_factory=AblationConfig)
     app: AppConfig = field(default_factory=AppConfig)
     profile: str = "default"
 
@@ -65,25 +58,12 @@ def _typed(cls, values: dict | None, section: str):
     return cls(**values)
 
 
-def _section(defaults: dict, values: dict | None, section: str) -> dict:
-    unknown = set(values or {}) - set(defaults)
-    if unknown:
-        raise ValueError(f"params.yaml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
-    return {**copy.deepcopy(defaults), **(values or {})}
-
-
 def _free_section(defaults: dict, values: dict | None, section: str, known: set[str]) -> dict:
     """A section whose keys go on to another function's keyword arguments: refused unless in `known`."""
     unknown = set(values or {}) - known
     if unknown:
         raise ValueError(f"params.yaml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
     return dict(defaults, **(values or {}))
-
-
-def _evaluate_section(values: dict | None) -> dict:
-    section = _section(EVALUATE_DEFAULTS, values, "evaluate")
-    Checks.from_params(section["checks"])  # unknown or malformed checks are refused when params are read
-    return section
 
 
 MODEL_KEYS = {"size"} | {f.name for f in fields(MDSGenConfig)}
@@ -103,18 +83,18 @@ def parse_params(raw: dict) -> Params:
         train=_typed(TrainConfig, raw.get("train"), "train"),
         dataset=_typed(DatasetConfig, raw.get("dataset"), "dataset"),
         vae_train=_typed(VAETrainConfig, raw.get("vae_train"), "vae_train"),
-        features=_section(Params().features, raw.get("features"), "features"),
+        features=_typed(FeatureExtraction, raw.get("features"), "features"),
         profile=raw.get("profile", "default"),
         model=_free_section(Params().model, raw.get("model"), "model", MODEL_KEYS),
-        vae=_section(Params().vae, raw.get("vae"), "vae"),
+        vae=_typed(VAESettings, raw.get("vae"), "vae"),
         frame_encoder=_free_section({}, raw.get("frame_encoder") or Params().frame_encoder, "frame_encoder",
                                     FRAME_ENCODER_KEYS),
-        mlflow=_section(MLFLOW_DEFAULTS, raw.get("mlflow"), "mlflow"),
-        evaluate=_evaluate_section(raw.get("evaluate")),
-        align=_section(ALIGN_DEFAULTS, raw.get("align"), "align"),
-        serving=_section(SERVING_DEFAULTS, raw.get("serving"), "serving"),
-        monitoring=_section(MONITORING_DEFAULTS, raw.get("monitoring"), "monitoring"),
-        ablations=_section(ABLATIONS_DEFAULTS, raw.get("ablations"), "ablations"),
+        mlflow=_typed(TrackingConfig, raw.get("mlflow"), "mlflow"),
+        evaluate=EvaluateConfig.from_params(raw.get("evaluate")),
+        align=_typed(AlignTraining, raw.get("align"), "align"),
+        serving=_typed(ServingConfig, raw.get("serving"), "serving"),
+        monitoring=_typed(MonitoringConfig, raw.get("monitoring"), "monitoring"),
+        ablations=_typed(AblationConfig, raw.get("ablations"), "ablations"),
         app=_typed(AppConfig, raw.get("app"), "app"),
     )
 

@@ -25,3 +25,19 @@ def test_a_misspelt_key_is_refused_with_its_name(section):
     raw[section] = dict(raw.get(section) or {}, stpes=3)
     with pytest.raises(ValueError, match=rf"\[{section}\]: unknown keys \['stpes'\]"):
         parse_params(raw)
+
+
+def test_every_section_is_a_typed_frozen_config():
+    from dataclasses import FrozenInstanceError, fields, is_dataclass
+
+    p = load_params(ROOT / "params.yaml")
+    free = {"model", "frame_encoder"}  # keyword overrides for MDSGenConfig / build_frame_encoder, keys checked by name
+    for f in fields(p):
+        if f.name in free | {"profile"}:
+            continue
+        section = getattr(p, f.name)
+        assert is_dataclass(section) and type(section).__dataclass_params__.frozen, f.name
+        with pytest.raises(FrozenInstanceError):
+            setattr(section, fields(section)[0].name, None)
+    ci = parse_params(apply_profile(copy.deepcopy(RAW), "ci"))
+    assert ci.evaluate.checks is None and load_params(ROOT / "params.yaml").evaluate.checks.min_conditioning_gain > 1

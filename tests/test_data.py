@@ -226,14 +226,14 @@ def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline
 
 def test_a_pretrained_vae_replaces_training(ci_repo, tmp_path):
     """With vae.path set (a user's Stable Diffusion VAE, say) the stage adopts and evaluates it."""
-    from mdsgen.model.vae import MelVAE, load_vae
+    from mdsgen.model.vae import MelVAE, VAESettings, load_vae
     from mdsgen.training.vae_train import VAETrainConfig, train_vae
 
     repo, _ = ci_repo
     torch.manual_seed(1)
     MelVAE.from_config("small").save(str(tmp_path / "pretrained"))
     metrics = train_vae(repo / "data/dataset", repo / "data/features", tmp_path / "out", tmp_path / "report",
-                        VAETrainConfig(steps=500), vae_params={"path": str(tmp_path / "pretrained"), "decode_channel": 1})
+                        VAETrainConfig(steps=500), vae_params=VAESettings(path=str(tmp_path / "pretrained")))
     assert metrics["pretrained"] == str(tmp_path / "pretrained") and metrics["steps"] == 0
     adopted, original = load_vae(str(tmp_path / "out")), load_vae(str(tmp_path / "pretrained"))
     assert all(torch.equal(a, b) for a, b in zip(adopted.state_dict().values(), original.state_dict().values()))

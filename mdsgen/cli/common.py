@@ -45,7 +45,7 @@ def use_mlflow(params_path: str):
     from mdsgen.evaluation.tracking import use_tracking
 
     p = read_params(params_path)
-    use_tracking(p.mlflow["tracking_uri"], p.mlflow["experiment"])
+    use_tracking(p.mlflow.tracking_uri, p.mlflow.experiment)
     return p
 
 

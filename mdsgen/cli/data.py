@@ -46,7 +46,7 @@ def cmd_features(args) -> int:
     p = load_params(args.params)
     with storage.staged_output(args.out) as out:
         result = extract_features(storage.local_input(args.dataset), out, p.frame_encoder, p.audio, p.video,
-                                  workers=args.workers or p.features["workers"])
+                                  workers=args.workers or p.features.workers)
     print(f"features: {result['computed']} computed, {result['reused']} reused, {result['removed']} removed, "
           f"{len(result['failed'])} failed")
     return 0

@@ -19,7 +19,7 @@ def cmd_train_align(args) -> int:
     p = load_params(args.params)
     metrics = train_align(storage.local_input(args.dataset), storage.local_input(args.features), args.out, p.align,
                           p.audio.hop_length / p.audio.sample_rate,
-                          on_step=step_progress(p.align["steps"], "train-align"))
+                          on_step=step_progress(p.align.steps, "train-align"))
     write_json(args.metrics, metrics)
     print(f"alignment classifier saved to {args.out}: val accuracy {metrics['val_accuracy']:.3f} "
           f"(real pairs judged aligned {metrics['val_real_judged_aligned']:.3f}, "
@@ -49,7 +49,7 @@ def cmd_register(args) -> int:
 
     p = use_mlflow(args.params)
     evaluation = json.loads(Path(args.evaluation).read_text())
-    info = register(args.checkpoint, evaluation, p.mlflow["registered_model"], training_run_id(args),
+    info = register(args.checkpoint, evaluation, p.mlflow.registered_model, training_run_id(args),
                     tags={"profile": p.profile}, reference=args.reference)
     if args.out:
         write_json(args.out, info)
@@ -61,7 +61,7 @@ def cmd_promote(args) -> int:
     from mdsgen.evaluation.registry import promote
 
     p = use_mlflow(args.params)
-    decision = promote(p.mlflow["registered_model"], p.mlflow["gate"], force=args.force)
+    decision = promote(p.mlflow.registered_model, p.mlflow.gate, force=args.force)
     if args.out:
         write_json(args.out, decision)
     verdict = "promoted to champion" if decision["promoted"] else "not promoted"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 
 
@@ -35,7 +36,7 @@ def cmd_init_checkpoint(args) -> int:
     if args.size:
         params.model["size"] = args.size
     if args.vae:
-        params.vae["path"] = args.vae
+        params.vae = replace(params.vae, path=args.vae)
     save_checkpoint(init_checkpoint(params, seed=args.seed), args.output)
     print(f"untrained checkpoint ({params.model['size']}) written to {args.output}")
     return 0

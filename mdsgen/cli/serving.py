@@ -17,13 +17,13 @@ def cmd_serve(args) -> int:
 
     p = read_params(args.params)
     settings = p.serving
-    state_dir = Path(args.state_dir or settings["state_dir"])
+    state_dir = Path(args.state_dir or settings.state_dir)
     if args.stop:
         server = triton.stop(state_dir)
         print(f"stopped tritonserver (pid {server.pid})" if server else "no server was running")
         return 0
     use_mlflow(args.params)  # the model may be a registry URI
-    model, limits = args.model or settings["model"], settings["limits"]
+    model, limits = args.model or settings.model, settings.limits
     if args.export:
         checkpoint, version = triton.resolve_served_model(model)
         triton.export_repository(checkpoint, args.export, version, reference=args.reference, limits=limits)
@@ -34,9 +34,9 @@ def cmd_serve(args) -> int:
         print(f"now serving {triton.MODEL_NAME} version {server.version}" if server else
               f"already serving {triton.MODEL_NAME} version {triton.load_state(state_dir).version}")
         return 0
-    server = triton.serve(model, state_dir, args.host or settings["host"], tuple(args.ports or settings["ports"]),
-                          args.config or settings["config"],
-                          args.monitor_log if args.monitor_log is not None else p.monitoring["log"], args.reference,
+    server = triton.serve(model, state_dir, args.host or settings.host, tuple(args.ports or settings.ports),
+                          args.config or settings.config,
+                          args.monitor_log if args.monitor_log is not None else p.monitoring.log, args.reference,
                           limits)
     print(server.endpoints())
     print(f"stop with: mdsgen serve --stop{' --state-dir ' + str(state_dir) if args.state_dir else ''}")
@@ -69,7 +69,7 @@ def cmd_app(args) -> int:
     if url is None and not (args.checkpoint or args.model):
         from mdsgen.serving.server import load_state
 
-        server = load_state(Path(p.serving["state_dir"]))  # a running `mdsgen serve`, else in-process
+        server = load_state(Path(p.serving.state_dir))  # a running `mdsgen serve`, else in-process
         url = server.grpc if server is not None else None
     if url is not None:
         backend = ThroughServer(url)
@@ -77,7 +77,7 @@ def cmd_app(args) -> int:
         from mdsgen.inference.generate import VideoToAudio
         from mdsgen.serving.server import resolve_served_model
 
-        uri = args.checkpoint or args.model or p.serving["model"]
+        uri = args.checkpoint or args.model or p.serving.model
         checkpoint, version = resolve_served_model(uri)
         label = f"{uri} (version {version})" if uri.startswith("models:/") else uri
         backend = InProcess(VideoToAudio(checkpoint, device=args.device, limits=p.generate),
@@ -91,7 +91,7 @@ def cmd_reference(args) -> int:
     from mdsgen.serving.monitoring import build_reference
 
     m = load_params(args.params).monitoring
-    meta = build_reference(args.checkpoint, args.latents, args.out, m["reference_clips"], m["components"], m["seed"],
+    meta = build_reference(args.checkpoint, args.latents, args.out, m.reference_clips, m.components, m.seed,
                            on_step=solver_progress("reference"))
     print(f"monitoring reference: {meta['clips']} training clips summarised into {args.out}")
     return 0
@@ -109,11 +109,11 @@ def cmd_monitor(args) -> int:
         raise FileNotFoundError(f"{reference}: no monitoring reference ({monitoring.REFERENCE_FILE}); "
                                 f"register the model with `--reference` or pass --reference")
     since = monitoring.parse_since(args.since) if args.since else None
-    records = monitoring.read_records(args.log or p.monitoring["log"], since)
-    threshold = args.threshold if args.threshold is not None else p.monitoring["drift_share"]
+    records = monitoring.read_records(args.log or p.monitoring.log, since)
+    threshold = args.threshold if args.threshold is not None else p.monitoring.drift_share
     summary = monitoring.drift_report(records, reference, args.out, threshold)
     if not args.no_mlflow:
-        summary["mlflow_run_id"] = monitoring.log_report(summary, args.out, p.mlflow["experiment"])
+        summary["mlflow_run_id"] = monitoring.log_report(summary, args.out, p.mlflow.experiment)
         write_json(Path(args.out) / "summary.json", summary)  # where the report went, for schedulers
     print(f"{summary['current_requests']} requests against {summary['reference_rows']} reference clips: "
           f"drifted share {summary['drifted_share']:.2f} (alert at {threshold}); "

@@ -16,7 +16,7 @@ def cmd_train_vae(args) -> int:
     from mdsgen.training.vae_train import train_vae
 
     p = load_params(args.params)
-    trains = not p.vae.get("path") and p.vae.get("config") != NO_VAE
+    trains = not p.vae.path and p.vae.config != NO_VAE
     metrics = train_vae(storage.local_input(args.dataset), storage.local_input(args.features), args.out,
                         args.report, p.vae_train, p.audio, p.vae,
                         on_step=step_progress(p.vae_train.steps, "train-vae") if trains else None)
@@ -51,14 +51,14 @@ def cmd_ablate(args) -> int:
     from mdsgen.training.ablations import ARMS, run_sweep, write_report
 
     p = use_mlflow(args.params)
-    settings = dict(p.ablations, **{k: v for k, v in (("steps", args.steps), ("seeds", args.seeds),
-                                                      ("clips", args.clips)) if v is not None})
+    settings = replace(p.ablations, **{k: v for k, v in (("steps", args.steps), ("seeds", args.seeds),
+                                                         ("clips", args.clips)) if v is not None})
     if not args.report:
-        run_sweep(p, settings, args.arms or list(ARMS), settings["seeds"], storage.local_input(args.latents),
+        run_sweep(p, settings, args.arms or list(ARMS), settings.seeds, storage.local_input(args.latents),
                   storage.local_input(args.vae), storage.local_input(args.dataset), storage.local_input(args.align),
                   args.device)
-    write_report(settings["out"], args.out)
-    print(f"tables written to {args.out} from {settings['out']}/runs/")
+    write_report(settings.out, args.out)
+    print(f"tables written to {args.out} from {settings.out}/runs/")
     return 0
 
 

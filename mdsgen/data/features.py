@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,12 @@ from mdsgen.media.audio import AudioConfig, fit_length, load_audio, wave_to_mel
 from mdsgen.media.video import VideoConfig, frames_to_tensor, read_video_windows
 
 INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class FeatureExtraction:
+    """params.yaml `features`."""
+    workers: int = 2  # processes for feature extraction
 
 
 def _fingerprint(path: Path, settings: str) -> str:

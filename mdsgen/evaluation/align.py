@@ -20,6 +20,16 @@ from mdsgen.data.features import load_split
 
 
 @dataclass(frozen=True)
+class AlignTraining:
+    """params.yaml `align`: how `mdsgen train-align` trains the classifier."""
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_shift_seconds: float = 2.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class AlignConfig:
     feature_dim: int = 1280
     n_mels: int = 128
@@ -84,23 +94,23 @@ def negatives(features: torch.Tensor, mels: torch.Tensor, min_shift: int, max_sh
     return out
 
 
-def train_align(dataset_dir, features_dir, out_dir, settings: dict, hop_seconds: float,
+def train_align(dataset_dir, features_dir, out_dir, settings: AlignTraining, hop_seconds: float,
                 on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train on the train split, report balanced accuracy on val (real pairs vs both negative kinds);
     `on_step(step, {"loss": ...})` after each step."""
-    torch.manual_seed(settings["seed"])
-    generator = torch.Generator().manual_seed(settings["seed"])
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     train = load_split(dataset_dir, features_dir, "train")
     val = load_split(dataset_dir, features_dir, "val")
     cfg = AlignConfig(feature_dim=train["features"].shape[-1], n_mels=train["mels"].shape[1],
                       mel_frames=train["mels"].shape[2], steps_per_clip=train["features"].shape[1])
     model = AlignmentClassifier(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
-    max_shift = round(settings["max_shift_seconds"] / hop_seconds)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
+    max_shift = round(settings.max_shift_seconds / hop_seconds)
     min_shift = max(1, round(0.5 / hop_seconds))  # at least half a second: beyond the sync tolerance
-    half = settings["batch_size"] // 2
+    half = settings.batch_size // 2
     model.train()
-    for step in range(1, settings["steps"] + 1):
+    for step in range(1, settings.steps + 1):
         index = torch.randint(len(train["mels"]), (half,), generator=generator)
         feats, mels = train["features"][index], train["mels"][index]
         batch_feats = torch.cat([feats, feats])
@@ -119,4 +129,4 @@ def train_align(dataset_dir, features_dir, out_dir, settings: dict, hop_seconds:
     rejected = 1.0 - model.aligned_share(val["features"], held_out)
     return {"val_accuracy": (positives + rejected) / 2, "val_real_judged_aligned": positives,
             "val_negatives_rejected": rejected, "final_loss": loss.item(), "train_clips": len(train["mels"]),
-            "val_clips": len(val["mels"]), "settings": settings}
+            "val_clips": len(val["mels"]), "settings": asdict(settings)}

@@ -117,6 +117,27 @@ class Checks:
         return failures
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """params.yaml `evaluate`: which test clips, the sampling seed, the batch, and the promotion checks
+    (`checks: null` enforces none)."""
+    seed: int = 0
+    clips: int | None = None       # the first N test clips; None: all
+    batch_size: int = 8
+    checks: Checks | None = field(default_factory=Checks)
+
+    @classmethod
+    def from_params(cls, values: dict | None) -> "EvaluateConfig":
+        values = dict(values or {})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"params.yaml [evaluate]: unknown keys {sorted(unknown)}; "
+                             f"known: {sorted(f.name for f in fields(cls))}")
+        if "checks" in values:
+            values["checks"] = Checks.from_params(values["checks"])
+        return cls(**values)
+
+
 def diagnose(model, samples: torch.Tensor, real: torch.Tensor, features: torch.Tensor, partners: list[int],
              device: str = "cpu") -> dict:
     """Sample statistics against the real latents, conditioning gain and own-vs-other distance."""
@@ -202,32 +223,32 @@ def generate_model_waves(ckpt: Checkpoint, tests: TestSet, sampling, seed: int, 
                    "cfg_scale": sampling.cfg_scale, "device": device}
 
 
-def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: dict, sampling=None,
+def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: EvaluateConfig, sampling=None,
              device: str = "cpu", progress: Callable[[str], None] = lambda stage: None) -> dict:
     """All systems' metrics on the test split, plus the data the report draws from; `progress(stage)` is
     told each stage as it starts."""
     sampling = sampling or ckpt.sampling
-    checks = Checks.from_params(settings.get("checks"))  # refused before the work, not after
+    checks = settings.checks
     progress("the test set: recordings, their aisfx embeddings, the object probe")
-    tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.get("clips"), device)
+    tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.clips, device)
     train = load_latents(latents_dir, "train")
-    core = FeaturesToAudio(ckpt, device, settings["batch_size"])
+    core = FeaturesToAudio(ckpt, device, settings.batch_size)
     progress(f"the model: {tests.n} clips, {sampling.steps} steps each")
-    latents, model_waves, efficiency = generate_model_waves(ckpt, tests, sampling, settings["seed"], device,
-                                                            settings["batch_size"])
+    latents, model_waves, efficiency = generate_model_waves(ckpt, tests, sampling, settings.seed, device,
+                                                            settings.batch_size)
     waves = {"model": model_waves}
-    partners = shuffled_partners(tests.labels, settings["seed"])
+    partners = shuffled_partners(tests.labels, settings.seed)
     progress("diagnostics: latent statistics, conditioning gain")
     diagnostics = diagnose(ckpt.model, latents, tests.latents, tests.features, partners, device)
     progress("the model fed shuffled videos, the codec, retrieval")
-    shuffled = core.denoise(tests.features[partners], core.noise(tests.n, settings["seed"]), sampling)
+    shuffled = core.denoise(tests.features[partners], core.noise(tests.n, settings.seed), sampling)
     waves["model_shuffled_video"] = core.waves(shuffled).numpy()
     waves["ground_truth_vae"] = core.waves(tests.latents).numpy()
     if isinstance(ckpt.vae, MelStandardizer):  # no VAE: the row above already is the mel through the vocoder
         waves["vocoder_only"] = waves["ground_truth_vae"]
     else:
         real_mels = wave_to_mel(np.stack(tests.real), ckpt.audio)
-        waves["vocoder_only"] = [w for part in real_mels.split(settings["batch_size"])
+        waves["vocoder_only"] = [w for part in real_mels.split(settings.batch_size)
                                  for w in vocode(part.to(device), ckpt.audio).cpu().numpy()]
     nearest = nearest_training_clips(tests.features, train["features"])
     waves["retrieval"] = core.waves(train["latents"][nearest]).numpy()
@@ -245,7 +266,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: di
             "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "cfg_power": sampling.cfg_power,
                          "solver": sampling.solver},
             "audio": asdict(ckpt.audio),
-            "seed": settings["seed"], "clip_ids": tests.ids,
+            "seed": settings.seed, "clip_ids": tests.ids,
             "diagnostics_failures": "; ".join(failures), "waves": waves, "sample_rate": ckpt.audio.sample_rate}
 
 

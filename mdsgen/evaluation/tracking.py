@@ -6,12 +6,24 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib import metadata
 from pathlib import Path
 
 DEFAULT_STORE = "mlflow.db"           # sqlite file under the working directory (the repo for DVC stages)
 DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """params.yaml `mlflow`: the tracking store, the experiment, the registered model and its promotion gate."""
+    tracking_uri: str | None = None   # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    experiment: str = "mdsgen"
+    registered_model: str = "mdsgen"
+    # the challenger must not be worse on any and be better on one
+    gate: dict = field(default_factory=lambda: {"frechet_distance": "lower", "onset_f1": "higher"})
+
+
 PACKAGES = ("torch", "diffusers", "numpy", "librosa", "av", "mlflow", "dvc", "adan-pytorch", "safetensors")
 
 

@@ -95,11 +95,10 @@ def init_checkpoint(params, seed: int = 0) -> Checkpoint:
     model_args = dict(params.model)
     size = model_args.pop("size")
     encoder = build_frame_encoder(params.frame_encoder)
-    vae_args = dict(params.vae)
-    if vae_args.get("path"):
-        vae = load_vae(vae_args["path"], vae_args.get("decode_channel"))
+    if params.vae.path:
+        vae = load_vae(params.vae.path, params.vae.decode_channel)
     else:
-        vae = MelVAE.from_config(vae_args.get("config", "small"), vae_args.get("decode_channel", 1))
+        vae = MelVAE.from_config(params.vae.config, params.vae.decode_channel)
     if model_args.get("time_axis", "width") == "width":  # the latent grid follows the mel and the VAE
         model_args.setdefault("in_channels", vae.latent_channels)
         model_args.setdefault("input_size", vae.latent_size(params.audio.n_mels, params.audio.mel_frames))

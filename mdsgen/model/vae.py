@@ -13,6 +13,7 @@ that a neural vocoder needs (the codec table in REPORT.md), so the demo diffuses
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,14 @@ WIDE_4X_VAE = dict(SD_V1_VAE, block_out_channels=(32, 64, 128), layers_per_block
                    up_block_types=("UpDecoderBlock2D",) * 3)
 VAE_CONFIGS = {"sd-v1": SD_V1_VAE, "small": SMALL_VAE, "wide-4x": WIDE_4X_VAE}
 NO_VAE = "none"
+
+
+@dataclass(frozen=True)
+class VAESettings:
+    """params.yaml `vae`: which codec turns mels into latents."""
+    config: str = "small"          # a MelVAE.from_config name, or "none": diffuse the standardised mel itself
+    decode_channel: int | str = 1  # the paper's G channel (0, 1, 2 or "mean")
+    path: str | None = None        # a diffusers VAE folder (local or s3://): used instead of training one
 
 
 class MelVAE(nn.Module):

@@ -33,6 +33,16 @@ SUMMARIZER_FILE = "summarizer.safetensors"
 CATEGORICAL = ["top_class"]
 
 
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """params.yaml `monitoring`: the reference a model is registered with, and what `mdsgen monitor` reads."""
+    reference_clips: int = 48     # training clips generated and summarised into the reference
+    components: int = 4           # summarizer (PCA) components per feature group
+    seed: int = 0
+    log: str = "runs/serving/records"  # the request records (a folder or s3:// prefix)
+    drift_share: float = 0.5      # the share of drifted columns that alerts
+
+
 # --- summaries ----------------------------------------------------------------------------------------
 
 @dataclass

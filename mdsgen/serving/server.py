@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mdsgen.base import storage
@@ -37,6 +37,23 @@ KEEP_VERSIONS = 2  # the served one and the one before (still draining its reque
 ADMIN_KEY_ENV = "MDSGEN_ADMIN_KEY"
 ADMIN_HEADER = "mdsgen-admin-key"
 RESTRICTED_APIS = "model-repository,model-config,shared-memory,trace,logging"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """params.yaml `serving`: what `mdsgen serve` starts and where, and the per-request limits it writes into
+    the served model's config.pbtxt (none given: the shipped configs' values)."""
+    host: str = "127.0.0.1"        # bind address; 0.0.0.0 only behind a network policy
+    ports: tuple[int, int, int] = (8000, 8001, 8002)  # HTTP, gRPC, metrics; 0 = any free port
+    config: str | None = None      # a serving/mdsgen/configs/<name>.pbtxt override (cpu, gpu)
+    model: str = "models:/mdsgen@champion"
+    state_dir: str = "runs/serving"
+    limits: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ports", tuple(self.ports))
+        if len(self.ports) != 3:
+            raise ValueError(f"serving.ports {list(self.ports)}: want three (HTTP, gRPC, metrics)")
 
 
 @dataclass

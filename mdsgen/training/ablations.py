@@ -20,6 +20,21 @@ from pathlib import Path
 import numpy as np
 
 BASE_ARM = "paper"
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """params.yaml `ablations`: the short schedule every trained arm shares, and where results go."""
+    steps: int = 100
+    batch_size: int = 8
+    seeds: tuple[int, ...] = (0, 1, 2)
+    clips: int | None = None       # the first N test clips; None: all
+    experiment: str = "mdsgen-ablations"
+    out: str = "reports/ablations"
+    state_dir: str = "runs/ablations"
+
+    def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(self.seeds))
 BASE_MODEL = {"mask_strategy": "tam", "mask_ratio": 0.3, "frame_tokens": False, "conditioning": "reducer"}
 TRAINED_ARMS = {  # in the order a sweep runs them
     BASE_ARM: {},
@@ -85,23 +100,23 @@ def check_arms(arms) -> list[str]:
     return list(arms)
 
 
-def arm_params(params, arm: str, seed: int, settings: dict):
+def arm_params(params, arm: str, seed: int, settings: AblationConfig):
     """The full Params of one trained arm and seed: the paper's model with the arm's change, the short
     schedule of `ablations`, the seed for initialisation, data order and noise."""
     p = copy.deepcopy(params)
     p.model = {**p.model, **BASE_MODEL, **TRAINED_ARMS[arm]}
-    p.train = replace(p.train, steps=settings["steps"], batch_size=settings["batch_size"], seed=seed,
-                      checkpoint_every=settings["steps"], log_every=min(10, settings["steps"]), sample_every=0,
+    p.train = replace(p.train, steps=settings.steps, batch_size=settings.batch_size, seed=seed,
+                      checkpoint_every=settings.steps, log_every=min(10, settings.steps), sample_every=0,
                       sample_clips=2)
-    p.mlflow = {**p.mlflow, "experiment": settings["experiment"]}
+    p.mlflow = replace(p.mlflow, experiment=settings.experiment)
     return p
 
 
-def check_schedule(where, found: dict, settings: dict) -> None:
+def check_schedule(where, found: dict, settings: AblationConfig) -> None:
     """Saved models and results are reused only under the schedule that made them."""
     for key in ("steps", "batch_size"):
-        if key in found and found[key] != settings[key]:
-            raise ValueError(f"{where} was made with ablations.{key} = {found[key]}, not {settings[key]}: point "
+        if key in found and found[key] != getattr(settings, key):
+            raise ValueError(f"{where} was made with ablations.{key} = {found[key]}, not {getattr(settings, key)}: point "
                              "ablations.out and ablations.state_dir at new folders for another schedule")
 
 
@@ -116,14 +131,14 @@ def read_results(out_dir) -> list[dict]:
 class Sweep:
     """Runs arms x seeds; what every run shares (the test set, the evaluation networks) is loaded once."""
 
-    def __init__(self, params, settings: dict, latents_dir, vae_dir, dataset_dir, align_dir, device: str = "cpu"):
+    def __init__(self, params, settings: AblationConfig, latents_dir, vae_dir, dataset_dir, align_dir, device: str = "cpu"):
         from mdsgen.evaluation.evaluate import TestSet
 
         self.params, self.settings, self.device = params, settings, device
         self.latents_dir, self.vae_dir = Path(latents_dir), Path(vae_dir)
-        self.out, self.state = Path(settings["out"]), Path(settings["state_dir"])
-        self.tests = TestSet(dataset_dir, latents_dir, align_dir, params.audio, settings.get("clips"), device)
-        self.batch_size = params.evaluate["batch_size"]
+        self.out, self.state = Path(settings.out), Path(settings.state_dir)
+        self.tests = TestSet(dataset_dir, latents_dir, align_dir, params.audio, settings.clips, device)
+        self.batch_size = params.evaluate.batch_size
         self.base_latents: dict[int, tuple] = {}  # seed -> the paper arm's latents and cost, for decode-only arms
 
     # --- one arm ---------------------------------------------------------------------------------
@@ -177,7 +192,7 @@ class Sweep:
         scores = {**self.tests.score(waves), **efficiency}
         tags = {"ablation.arm": arm, "ablation.seed": str(seed), "ablation.kind": "trained" if trained else "sampled",
                 "ablation.model_run": train_metrics["mlflow_run_id"]}
-        tracking.use_tracking(self.params.mlflow.get("tracking_uri"), self.settings["experiment"])
+        tracking.use_tracking(self.params.mlflow.tracking_uri, self.settings.experiment)
         run_id = train_metrics["mlflow_run_id"] if trained else None
         with mlflow.start_run(run_id=run_id) as run:
             mlflow.set_tags({**tags, "mlflow.runName": f"{arm}-seed{seed}"})
@@ -189,7 +204,7 @@ class Sweep:
             run_id = run.info.run_id
         result = {"arm": arm, "seed": seed, "mlflow_run_id": run_id, "model_run_id": train_metrics["mlflow_run_id"],
                   "model": ckpt.model.config.to_dict(), "sampling": asdict(sampling), "decode_channel": ckpt.vae.decode_channel,
-                  "train": {k: self.settings[k] for k in ("steps", "batch_size")} | {
+                  "train": {"steps": self.settings.steps, "batch_size": self.settings.batch_size} | {
                       "seconds": train_metrics.get("seconds_this_invocation"), "final_loss": train_metrics.get("final_loss")},
                   "clips": self.tests.n, "scores": scores, "score_seconds": time.perf_counter() - start}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +223,7 @@ class Sweep:
         if path.is_file():
             return json.loads(path.read_text())
         p = copy.deepcopy(self.params)
-        p.vae = {**p.vae, "path": str(self.vae_dir)}
+        p.vae = replace(p.vae, path=str(self.vae_dir))
         core = FeaturesToAudio(init_checkpoint(p), self.device, self.batch_size)
         train = load_latents(self.latents_dir, "train")
         nearest = nearest_training_clips(self.tests.features, train["features"])
@@ -220,7 +235,7 @@ class Sweep:
         return refs
 
 
-def run_sweep(params, settings: dict, arms, seeds, latents_dir, vae_dir, dataset_dir, align_dir,
+def run_sweep(params, settings: AblationConfig, arms, seeds, latents_dir, vae_dir, dataset_dir, align_dir,
               device: str = "cpu") -> list[dict]:
     """Every arm for seed 0, then for seed 1, ...: an interrupted sweep has whole seeds to report."""
     arms = check_arms(arms)  # before anything is loaded

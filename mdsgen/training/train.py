@@ -340,7 +340,7 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
     rank = dist.get_rank() if dist.is_initialized() else 0
     data = load_latents(latents_dir, "train")
     val = load_latents(latents_dir, "val") if (Path(latents_dir) / "val.safetensors").is_file() else None
-    params.vae["path"] = str(vae_dir)
+    params = replace(params, vae=replace(params.vae, path=str(vae_dir)))
     ckpt = init_checkpoint(params, seed=cfg.seed)
     if ckpt.model.config.feature_dim != data["features"].shape[-1]:
         raise ValueError(f"{latents_dir}: features are {data['features'].shape[-1]}-d, the configured frame "
@@ -364,7 +364,7 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
 
     run = None
     if rank == 0:
-        tracking.use_tracking(params.mlflow.get("tracking_uri"), params.mlflow["experiment"])
+        tracking.use_tracking(params.mlflow.tracking_uri, params.mlflow.experiment)
         if run_id and not tracking.run_exists(run_id):
             print(f"MLflow run {run_id} of the saved state is not in this store; logging to a new run")
             run_id = None

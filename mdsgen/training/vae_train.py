@@ -17,7 +17,7 @@ import torch
 
 from mdsgen.data.features import load_split
 from mdsgen.media.audio import AudioConfig, vocode
-from mdsgen.model.vae import MelStandardizer, MelVAE
+from mdsgen.model.vae import MelStandardizer, MelVAE, VAESettings
 
 
 @dataclass(frozen=True)
@@ -52,28 +52,27 @@ def reconstruction_l1(vae: MelVAE, mels: torch.Tensor, batch_size: int = 8) -> f
 
 
 def train_vae(dataset_dir, features_dir, out_dir, report_dir, cfg: VAETrainConfig = VAETrainConfig(),
-              audio_cfg: AudioConfig = AudioConfig(), vae_params: dict | None = None, on_step=None) -> dict:
+              audio_cfg: AudioConfig = AudioConfig(), vae_params: VAESettings = VAESettings(), on_step=None) -> dict:
     """Train, set the latent scale, save the VAE to `out_dir`, and write the listen-check report.
     With `vae.config: none` there is no VAE: the mels' mean and spread are fitted and saved instead.
 
     `vae_params` is params.yaml's `vae` section: with a `path` (e.g. Stable Diffusion's VAE) nothing is
     trained; that VAE is copied to `out_dir` and evaluated the same way.
     """
-    vae_params = vae_params or {}
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     train = load_split(dataset_dir, features_dir, "train")["mels"]
     val = load_split(dataset_dir, features_dir, "val")
-    if vae_params.get("path"):
+    if vae_params.path:
         from mdsgen.model.vae import load_vae
 
-        vae = load_vae(vae_params["path"], vae_params.get("decode_channel"))
+        vae = load_vae(vae_params.path, vae_params.decode_channel)
         vae.save(str(out_dir))
         metrics = evaluate_vae(vae, train, val, cfg, seconds=0.0, history=[])
-        metrics["pretrained"] = vae_params["path"]
+        metrics["pretrained"] = vae_params.path
         write_report(vae, val, Path(report_dir), audio_cfg)
         return metrics
-    vae = MelVAE.from_config(vae_params.get("config", "small"), vae_params.get("decode_channel", 1))
+    vae = MelVAE.from_config(vae_params.config, vae_params.decode_channel)
     if isinstance(vae, MelStandardizer):  # no VAE: only the mels' mean and spread to fit
         vae.fit(train).save(str(out_dir))
         metrics = evaluate_vae(vae, train, val, replace(cfg, steps=0), seconds=0.0, history=[])
