@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from mdsgen.base.errors import refuse_unknown_keys
 from mdsgen.data.dataset import DatasetConfig
 from mdsgen.data.features import FeatureExtraction
 from mdsgen.evaluation.align import AlignTraining
@@ -50,19 +51,13 @@ class Params:
 
 
 def _typed(cls, values: dict | None, section: str):
-    values = values or {}
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"params.yaml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**values)
+    refuse_unknown_keys(values or {}, {f.name for f in fields(cls)}, section)
+    return cls(**(values or {}))
 
 
 def _free_section(defaults: dict, values: dict | None, section: str, known: set[str]) -> dict:
     """A section whose keys go on to another function's keyword arguments: refused unless in `known`."""
-    unknown = set(values or {}) - known
-    if unknown:
-        raise ValueError(f"params.yaml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    refuse_unknown_keys(values or {}, known, section)
     return dict(defaults, **(values or {}))
 
 

@@ -20,5 +20,12 @@ def describe(err: Exception) -> str:
     return getattr(err, "strerror", None) or (lines[0] if lines else type(err).__name__)
 
 
+def refuse_unknown_keys(values: dict, known, section: str) -> None:
+    """A params.yaml section's keys must be ones its consumer knows: a misspelt one is named, not ignored."""
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"params.yaml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+
+
 class ServingError(RuntimeError):
     """The inference server cannot be started, reloaded or reached as asked."""

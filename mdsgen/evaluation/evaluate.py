@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mdsgen.base.errors import refuse_unknown_keys
 from mdsgen.data.features import load_latents
 from mdsgen.evaluation.align import AlignmentClassifier
 from mdsgen.evaluation.metrics import ObjectProbe, SoundNet, audio_scores, onset_sync
@@ -87,10 +88,7 @@ class Checks:
     def from_params(cls, values: dict | None) -> "Checks | None":
         if values is None:
             return None
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"params.yaml [evaluate.checks]: unknown keys {sorted(unknown)}; "
-                             f"known: {sorted(f.name for f in fields(cls))}")
+        refuse_unknown_keys(values, {f.name for f in fields(cls)}, "evaluate.checks")
         return cls(**{k: tuple(v) if k == "latent_std_ratio" else v for k, v in values.items()})
 
     def diagnostic_failures(self, diagnostics: dict) -> list[str]:
@@ -129,10 +127,7 @@ class EvaluateConfig:
     @classmethod
     def from_params(cls, values: dict | None) -> "EvaluateConfig":
         values = dict(values or {})
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"params.yaml [evaluate]: unknown keys {sorted(unknown)}; "
-                             f"known: {sorted(f.name for f in fields(cls))}")
+        refuse_unknown_keys(values, {f.name for f in fields(cls)}, "evaluate")
         if "checks" in values:
             values["checks"] = Checks.from_params(values["checks"])
         return cls(**values)
