@@ -10,7 +10,8 @@
 2. End to end per stage with the active params.yaml recipe: decode, frame features, denoise, VAE and
    vocoder, join and mux, for one window, a dataset-length clip (with and without the silent tail) and a
    60 s video (synthetic, 640 x 360 at 25 fps).
-4. Training: seconds per step at batch 8 for TAM, SAM and no mask (T).
+4. Training: seconds per step at batch 8 for TAM, SAM and no mask (T); and the demo recipe under fp32 and
+   bf16 autocast (training step, also with torch.compile; HiFi-GAN; the denoiser), side by side.
 5. Memory: peak resident memory of a fresh process sampling one clip, per size.
 (3, serving, is benchmarks/serving.py.)
 
@@ -238,6 +239,50 @@ def bench_training(repeats: int, batch: int = 8) -> dict:
     return rows
 
 
+def bench_precision(repeats: int) -> dict:
+    """The demo recipe (active params.yaml shapes, untrained weights) under fp32 and bf16 autocast, side by side:
+    a training step at the recipe's batch (and with `torch.compile`, its first step reported apart), HiFi-GAN
+    on one clip's mel, 25 DDIM steps with CFG for one clip."""
+    import dataclasses
+
+    from mdsgen.base.precision import native_bf16
+    from mdsgen.config import load_params
+    from mdsgen.media.vocoder import hifigan
+    from mdsgen.model.checkpoint import init_checkpoint
+    from mdsgen.training.train import Trainer
+
+    params = load_params(ROOT / "params.yaml")
+    ckpt = init_checkpoint(params)
+    shape = (ckpt.model.config.in_channels, *ckpt.model.config.input_size)
+    g = torch.Generator().manual_seed(0)
+    latents, features = torch.randn(64, *shape, generator=g), torch.randn(64, 32, FEATURE_DIM, generator=g)
+    rows = {"native_bf16": native_bf16("cpu"), "batch": params.train.batch_size, "train_step_s": {}}
+    for name, precision, compiled in (("fp32", "fp32", False), ("bf16", "bf16", False),
+                                      ("fp32_compiled", "fp32", True), ("bf16_compiled", "bf16", True)):
+        torch.manual_seed(0)
+        model = init_checkpoint(params).model
+        trainer = Trainer(model, dataclasses.replace(params.train, precision=precision, ema_decay=0.999))
+        if compiled:
+            trainer.net = torch.compile(model)
+            start = time.perf_counter()
+            trainer.step(latents, features)
+            rows[f"{name}_first_step_s"] = time.perf_counter() - start
+        rows["train_step_s"][name] = median_seconds(lambda: trainer.step(latents, features), max(repeats, 10))
+    mel = torch.rand(1, params.audio.n_mels, params.audio.mel_frames)
+    if params.audio.vocoder == "hifigan":
+        rows["hifigan_s_per_clip"] = {p: median_seconds(lambda: hifigan(mel, dataclasses.replace(
+            params.audio, vocoder_precision=p)), repeats) for p in ("fp32", "bf16")}
+    model, feats = ckpt.model.eval(), features[:1]
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    rows["denoise_s_per_clip"] = {"fp32": median_seconds(lambda: sample(model, feats, ckpt.sampling), repeats)}
+    with bf16:
+        rows["denoise_s_per_clip"]["bf16"] = median_seconds(lambda: sample(model, feats, ckpt.sampling), repeats)
+    for key in ("train_step_s", "hifigan_s_per_clip", "denoise_s_per_clip"):
+        if key in rows:
+            rows[key]["fp32_over_bf16"] = rows[key]["fp32"] / rows[key]["bf16"]
+    return rows
+
+
 # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child would report this process's peak
 PEAK_KB = "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))"
 MEMORY_PROBE = """
@@ -275,7 +320,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["T", "S", "B"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unet-steps", type=int, default=2)
-    parser.add_argument("--only", nargs="+", default=["denoiser", "end_to_end", "training", "memory"])
+    parser.add_argument("--only", nargs="+", default=["denoiser", "end_to_end", "training", "precision", "memory"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, as the paper")
     parser.add_argument("--json")
@@ -304,6 +349,14 @@ def main() -> None:
         results["training"] = bench_training(args.repeats)
         print("training step, T, batch 8: " + ", ".join(
             f"{m} {r['s_per_step']:.3f} s ({r['over_no_mask']:.2f}x)" for m, r in results["training"].items()))
+    if "precision" in args.only:
+        results["precision"] = r = bench_precision(args.repeats)
+        print(f"demo recipe, fp32 vs bf16 autocast (native bf16: {r['native_bf16']}): training step at batch "
+              f"{r['batch']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["train_step_s"].items())
+              + f" s (torch.compile's first step {r['fp32_compiled_first_step_s']:.0f} / "
+              f"{r['bf16_compiled_first_step_s']:.0f} s); HiFi-GAN "
+              + ", ".join(f"{k} {v:.3f}" for k, v in r.get("hifigan_s_per_clip", {}).items())
+              + " s/clip; denoise " + ", ".join(f"{k} {v:.3f}" for k, v in r["denoise_s_per_clip"].items()) + " s/clip")
     if "memory" in args.only:
         results["memory"] = bench_memory(args.sizes)
         key = "gpu_allocated_mb" if DEVICE.startswith("cuda") else "peak_rss_mb"
