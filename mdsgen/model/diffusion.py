@@ -139,24 +139,24 @@ def guidance_scale(t: torch.Tensor | float, scale: float, power: float) -> float
     return (scale - 1.0) * 0.5 * (1.0 - math.cos(math.pi * progress)) + 1.0
 
 
-def make_scheduler(cfg: SamplingConfig, prediction: str = "epsilon"):
+def make_scheduler(sampling: SamplingConfig, prediction: str = "epsilon"):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler  # here: diffusers takes a second to import
 
     schedule = dict(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END,
                     beta_schedule="linear", prediction_type=SCHEDULER_PREDICTIONS[prediction])
-    if cfg.solver == "ddim":
+    if sampling.solver == "ddim":
         return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
-    return DPMSolverMultistepScheduler(**schedule, solver_order=cfg.solver_order, algorithm_type="dpmsolver++")
+    return DPMSolverMultistepScheduler(**schedule, solver_order=sampling.solver_order, algorithm_type="dpmsolver++")
 
 
 @torch.no_grad()
-def sample(model: MDSGen, features: torch.Tensor, cfg: SamplingConfig = SamplingConfig(),
+def sample(model: MDSGen, features: torch.Tensor, sampling: SamplingConfig = SamplingConfig(),
            noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
            on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Latents [B, C, H, W] for frame features [B, T, F]; deterministic given the initial noise.
     `on_step(done, total)` is called after each solver step (progress for a user who waits).
 
-    `cfg.texture_noise` leaves Gaussian noise of that std in the sample: the part of a spectrogram no
+    `sampling.texture_noise` leaves Gaussian noise of that std in the sample: the part of a spectrogram no
     denoiser can predict (the speckle of noisy sounds, the noise floor), which an x0 model trained on MSE
     returns as its mean, a smooth mel that a vocoder plays as a buzz (REPORT.md 5g). It is the window's own
     starting noise rolled by half the grid: still i.i.d. Gaussian, far from where each part of the sample
@@ -166,20 +166,20 @@ def sample(model: MDSGen, features: torch.Tensor, cfg: SamplingConfig = Sampling
     if noise is None:
         noise = torch.randn(shape, generator=generator, device="cpu")
     x = noise.to(features.device, features.dtype)
-    scheduler = make_scheduler(cfg, c.prediction)
-    scheduler.set_timesteps(cfg.steps, device=features.device)
+    scheduler = make_scheduler(sampling, c.prediction)
+    scheduler.set_timesteps(sampling.steps, device=features.device)
     for i, t in enumerate(scheduler.timesteps):
         ts = t.expand(x.shape[0]).to(features.device)
-        if cfg.cfg_scale == 1.0:
+        if sampling.cfg_scale == 1.0:
             out = model(x, ts, features)
         else:
-            out = model.forward_with_cfg(x, ts, features, guidance_scale(t, cfg.cfg_scale, cfg.cfg_power))
+            out = model.forward_with_cfg(x, ts, features, guidance_scale(t, sampling.cfg_scale, sampling.cfg_power))
         x = scheduler.step(out, t, x).prev_sample
         if on_step is not None:
             on_step(i + 1, len(scheduler.timesteps))
-    if cfg.texture_noise:
+    if sampling.texture_noise:
         start = noise.to(x.device, x.dtype)
-        x = x + cfg.texture_noise * start.roll((start.shape[-2] // 2, start.shape[-1] // 2), dims=(-2, -1))
+        x = x + sampling.texture_noise * start.roll((start.shape[-2] // 2, start.shape[-1] // 2), dims=(-2, -1))
     return x
 
 
