@@ -104,7 +104,7 @@ def train_demo_recipe(latents, features, cfg_dropout: float, seed: int = 0) -> M
 
 def diagnostics_of(model, latents, features, seed: int = 7):
     """The promotion gate's latent diagnostics with their default bounds (the sample-based shuffled-video
-    control needs the audio metrics: tests/test_pipeline.py)."""
+    control needs the audio metrics: tests/test_metrics.py checks that verdict)."""
     from mdsgen.evaluation.evaluate import Checks, diagnose
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))

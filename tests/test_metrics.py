@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mdsgen.evaluation.align import AlignConfig, AlignmentClassifier, negatives
-from mdsgen.evaluation.evaluate import Checks, nearest_training_clips, shuffled_partners
+from mdsgen.evaluation.evaluate import Checks, markdown_table, nearest_training_clips, shuffled_partners
 from mdsgen.evaluation.metrics import (SoundNet, class_agreement, frechet_distance, inception_score, onset_sync,
                             paired_kl)
 from mdsgen.evaluation.registry import gate_decision
@@ -170,6 +170,24 @@ def test_the_gate_checks_the_peak_conditioning_gain_and_the_shuffled_video_contr
     assert len(checks.control_failures({**model, "onset_auc": float("nan")}, shuffled)) == 1
 
 
+def test_the_verdict_joins_both_kinds_of_check_and_the_table_says_why():
+    checks = Checks()
+    model = {"class_agreement": 0.21, "onset_auc": 0.70, "frechet_distance": 120.0, "params_inference": 9e6,
+             "seconds_per_clip": 1.6, "denoise_seconds_per_clip": 0.4, "device": "cpu", "peak_memory_mb": 900.0,
+             "latent_abs_max": 4.0, "real_latent_abs_max": 3.9, "conditioning_gain": 1.0, **diagnostics([1.0] * 5)}
+    shuffled = {"class_agreement": 0.20, "onset_auc": 0.50, "frechet_distance": 125.0}
+    failures = checks.failures(diagnostics([1.0] * 5), model, shuffled)
+    assert [f.split()[0] for f in failures] == ["conditioning_gain_peak", "class_agreement"]
+    result = {"systems": {"model": {**model, "diagnostics_pass": 0.0}, "model_shuffled_video": shuffled},
+              "clips": 60, "clips_with_onsets": 60, "seed": 0, "diagnostics_failures": "; ".join(failures),
+              "sampling": {"steps": 25, "cfg_scale": 2.0, "solver": "ddim"}}
+    table = markdown_table(result)
+    assert "Diagnostics (FAIL (conditioning_gain_peak 1.000 < 1.02; class_agreement 0.210 is not 0.05" in table
+    # onset_auc dropped (a dataset without known onsets): only class agreement is compared
+    assert Checks.from_params({"min_over_shuffled": {"class_agreement": 0.05, "onset_auc": None}}).control_failures(
+        {"class_agreement": 0.3}, {"class_agreement": 0.0}) == []
+
+
 def test_checks_refuse_an_unknown_or_malformed_bound():
     assert Checks.from_params(None) is None
     assert Checks.from_params({"min_conditioning_gain": 1.1}).latent_std_ratio == (0.8, 1.25)
@@ -177,3 +195,8 @@ def test_checks_refuse_an_unknown_or_malformed_bound():
         Checks.from_params({"min_gain": 1.1})
     with pytest.raises(ValueError, match="low < high"):
         Checks.from_params({"latent_std_ratio": [1.25, 0.8]})
+    with pytest.raises(ValueError, match="low < high"):
+        Checks.from_params({"latent_std_ratio": None})
+    with pytest.raises(ValueError, match=r"\['frechet_distance'\] cannot be compared that way"):
+        Checks.from_params({"min_over_shuffled": {"frechet_distance": 5.0}})  # lower is better: not "above"
+    assert Checks(latent_std_ratio=[0.7, 1.3]).latent_std_ratio == (0.7, 1.3)

@@ -48,6 +48,7 @@ SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuf
 TABLE_METRICS = ("frechet_distance", "kl", "inception_score", "class_agreement", "object_match",
                  "onset_median_error_ms", "onset_recall", "onset_precision", "onset_f1", "onset_auc", "align_aligned_share")
 LOWER_IS_BETTER = {"frechet_distance", "kl", "onset_median_error_ms"}
+HIGHER_IS_BETTER = set(TABLE_METRICS) - LOWER_IS_BETTER
 
 
 def shuffled_partners(labels: list[str], seed: int) -> list[int]:
@@ -76,20 +77,28 @@ class Checks:
     # (at low noise the noisy latent already fixes the answer, so a mean over t dilutes a real gain)
     min_conditioning_gain: float = 1.02
     max_own_vs_other: float = 0.95  # a sample's distance to its own clip's latent over that to another clip's
-    # per metric, how far the model must score above the same model fed shuffled videos
+    # per metric (higher is better), how far the model must score above the same model fed shuffled videos;
+    # a metric set to null is dropped (e.g. onset_auc on a dataset without known onsets)
     min_over_shuffled: dict = field(default_factory=lambda: {"class_agreement": 0.05, "onset_auc": 0.05})
 
     def __post_init__(self):
-        lo, hi = self.latent_std_ratio
-        if not 0 <= lo < hi:
+        bounds = tuple(self.latent_std_ratio or ())
+        if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
             raise ValueError(f"evaluate.checks.latent_std_ratio {self.latent_std_ratio}: want [low, high], low < high")
+        object.__setattr__(self, "latent_std_ratio", bounds)
+        margins = {k: v for k, v in (self.min_over_shuffled or {}).items() if v is not None}
+        wrong = sorted(set(margins) - HIGHER_IS_BETTER)
+        if wrong:
+            raise ValueError(f"evaluate.checks.min_over_shuffled: {wrong} cannot be compared that way; "
+                             f"use metrics where higher is better: {sorted(HIGHER_IS_BETTER)}")
+        object.__setattr__(self, "min_over_shuffled", margins)
 
     @classmethod
     def from_params(cls, values: dict | None) -> "Checks | None":
         if values is None:
             return None
         refuse_unknown_keys(values, {f.name for f in fields(cls)}, "evaluate.checks")
-        return cls(**{k: tuple(v) if k == "latent_std_ratio" else v for k, v in values.items()})
+        return cls(**values)
 
     def diagnostic_failures(self, diagnostics: dict) -> list[str]:
         lo, hi = self.latent_std_ratio
@@ -102,6 +111,10 @@ class Checks:
         if diagnostics["own_vs_other_distance"] > self.max_own_vs_other:
             failures.append(f"own_vs_other_distance {diagnostics['own_vs_other_distance']:.3f} > {self.max_own_vs_other}")
         return failures
+
+    def failures(self, diagnostics: dict, model: dict, shuffled: dict) -> list[str]:
+        """Every check: the latent diagnostics, then the model's scores against its shuffled-video control's."""
+        return self.diagnostic_failures(diagnostics) + self.control_failures(model, shuffled)
 
     def control_failures(self, model: dict, shuffled: dict) -> list[str]:
         """The model against its shuffled-video control: a metric either lacks is a failure (it was asked for)."""
@@ -252,8 +265,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: Ev
     progress(f"scoring {len(SYSTEMS)} systems")
     results = {name: tests.score(waves[name], real=name == "real_audio") for name in SYSTEMS}
     results["model"].update(efficiency)
-    failures = (checks.diagnostic_failures(diagnostics)
-                + checks.control_failures(results["model"], results["model_shuffled_video"])) if checks else []
+    failures = checks.failures(diagnostics, results["model"], results["model_shuffled_video"]) if checks else []
     results["model"].update(diagnostics, diagnostics_pass=float(not failures))
     retrieval_labels = [train["labels"][i] for i in nearest.tolist()]
     return {"systems": results, "clips": tests.n, "clips_with_onsets": len(tests.timed),

@@ -10,7 +10,6 @@ seed is one MLflow run (experiment `ablations.experiment`, tags `ablation.*`) an
 """
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -35,6 +34,8 @@ class AblationConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(self.seeds))
+
+
 BASE_MODEL = {"mask_strategy": "tam", "mask_ratio": 0.3, "frame_tokens": False, "conditioning": "reducer"}
 TRAINED_ARMS = {  # in the order a sweep runs them
     BASE_ARM: {},
@@ -103,13 +104,10 @@ def check_arms(arms) -> list[str]:
 def arm_params(params, arm: str, seed: int, settings: AblationConfig):
     """The full Params of one trained arm and seed: the paper's model with the arm's change, the short
     schedule of `ablations`, the seed for initialisation, data order and noise."""
-    p = copy.deepcopy(params)
-    p.model = {**p.model, **BASE_MODEL, **TRAINED_ARMS[arm]}
-    p.train = replace(p.train, steps=settings.steps, batch_size=settings.batch_size, seed=seed,
-                      checkpoint_every=settings.steps, log_every=min(10, settings.steps), sample_every=0,
-                      sample_clips=2)
-    p.mlflow = replace(p.mlflow, experiment=settings.experiment)
-    return p
+    train = replace(params.train, steps=settings.steps, batch_size=settings.batch_size, seed=seed,
+                    checkpoint_every=settings.steps, log_every=min(10, settings.steps), sample_every=0, sample_clips=2)
+    return replace(params, model={**params.model, **BASE_MODEL, **TRAINED_ARMS[arm]}, train=train,
+                   mlflow=replace(params.mlflow, experiment=settings.experiment))
 
 
 def check_schedule(where, found: dict, settings: AblationConfig) -> None:
@@ -222,8 +220,7 @@ class Sweep:
         path = self.out / "references.json"
         if path.is_file():
             return json.loads(path.read_text())
-        p = copy.deepcopy(self.params)
-        p.vae = replace(p.vae, path=str(self.vae_dir))
+        p = replace(self.params, vae=replace(self.params.vae, path=str(self.vae_dir)))
         core = FeaturesToAudio(init_checkpoint(p), self.device, self.batch_size)
         train = load_latents(self.latents_dir, "train")
         nearest = nearest_training_clips(self.tests.features, train["features"])
