@@ -69,28 +69,20 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(yaml.safe_load(Path(path).read_text()) or {})
 
 
+FREE_SECTIONS = {"model", "frame_encoder", "evaluate", "profile"}  # parsed by hand below
+
+
 def parse_params(raw: dict) -> Params:
+    """Each typed section from its dataclass (the field's default factory); the free ones by their own rules."""
+    typed = {f.name: _typed(f.default_factory, raw.get(f.name), f.name)
+             for f in fields(Params) if f.name not in FREE_SECTIONS}
     return Params(
-        audio=_typed(AudioConfig, raw.get("audio"), "audio"),
-        video=_typed(VideoConfig, raw.get("video"), "video"),
-        sampling=_typed(SamplingConfig, raw.get("sampling"), "sampling"),
-        generate=_typed(ReadLimits, raw.get("generate"), "generate"),
-        train=_typed(TrainConfig, raw.get("train"), "train"),
-        dataset=_typed(DatasetConfig, raw.get("dataset"), "dataset"),
-        vae_train=_typed(VAETrainConfig, raw.get("vae_train"), "vae_train"),
-        features=_typed(FeatureExtraction, raw.get("features"), "features"),
+        **typed,
         profile=raw.get("profile", "default"),
         model=_free_section(Params().model, raw.get("model"), "model", MODEL_KEYS),
-        vae=_typed(VAESettings, raw.get("vae"), "vae"),
         frame_encoder=_free_section({}, raw.get("frame_encoder") or Params().frame_encoder, "frame_encoder",
                                     FRAME_ENCODER_KEYS),
-        mlflow=_typed(TrackingConfig, raw.get("mlflow"), "mlflow"),
         evaluate=EvaluateConfig.from_params(raw.get("evaluate")),
-        align=_typed(AlignTraining, raw.get("align"), "align"),
-        serving=_typed(ServingConfig, raw.get("serving"), "serving"),
-        monitoring=_typed(MonitoringConfig, raw.get("monitoring"), "monitoring"),
-        ablations=_typed(AblationConfig, raw.get("ablations"), "ablations"),
-        app=_typed(AppConfig, raw.get("app"), "app"),
     )
 
 
