@@ -1,5 +1,6 @@
 """The embedded dataset, feature caches, VAE training, latents, and the DVC pipeline (ci profile)."""
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from media import make_video, streams
 from procs import digests, run
@@ -16,7 +18,7 @@ from mdsgen.media.audio import load_audio, wave_to_mel
 from mdsgen.data.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
                             stamp_recording, stamp_sources)
 from mdsgen.config import load_params
-from mdsgen.data.features import extract_features, load_latents, load_npz
+from mdsgen.data.features import extract_features, load_latents, load_npz, save_latents
 from mdsgen.model.vae import load_vae
 
 # --- dataset --------------------------------------------------------------------------------------
@@ -190,6 +192,27 @@ def test_vae_stage_learned_and_latents_match(ci_repo):
     latent = (vae.latent_channels, *vae.latent_size(p.audio.n_mels, p.audio.mel_frames))
     assert train["latents"].shape == (len(rows), *latent) and train["features"].shape == (len(rows), 32, 1280)
     assert 0.7 < train["latents"].std().item() < 1.3  # the saved scale gives unit-variance latents
+
+
+def test_latents_files_are_the_same_bytes_on_every_write(tmp_path):
+    # safetensors orders several metadata entries at random per write: a re-run of `encode` used to change
+    # the file's DVC hash half the time, and with it every stage downstream. 16 writes: the old format
+    # would give one byte layout in all 16 with odds 2^-15.
+    latents, features = torch.arange(24.0).view(2, 1, 3, 4), torch.ones(2, 32, 5)
+    digests = set()
+    for i in range(16):
+        save_latents(tmp_path / "train.safetensors", latents, features, ["a", "b"], ["dog", "cow"])
+        digests.add(hashlib.sha256((tmp_path / "train.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    loaded = load_latents(tmp_path, "train")
+    assert loaded["clip_ids"] == ["a", "b"] and loaded["labels"] == ["dog", "cow"]
+    assert torch.equal(loaded["latents"], latents) and torch.equal(loaded["features"], features)
+    assert [p.name for p in tmp_path.iterdir()] == ["train.safetensors"]  # no partial file left behind
+    # A file in the old layout is refused with what to do, not a KeyError.
+    save_file({"latents": latents, "features": features}, str(tmp_path / "val.safetensors"),
+              metadata={"clip_ids": "[]", "labels": "[]"})
+    with pytest.raises(ValueError, match="mdsgen encode"):
+        load_latents(tmp_path, "val")
 
 
 # --- DVC --------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from mdsgen.data.features import save_latents
 from mdsgen.model.vae import MelVAE
 from mdsgen.training.train import roll_in_time
 from procs import BIN, ROOT, run
@@ -28,9 +29,8 @@ def workdir(tmp_path_factory):
     for split, n in (("train", 24), ("val", 4)):
         features = torch.randn(n, 32, 1280, generator=g)
         latents = features[:, :, :64].mean(1).view(n, 1, 1, 64).expand(n, 4, 16, 64).contiguous()
-        meta = {"clip_ids": json.dumps([f"{split}{i}" for i in range(n)]), "labels": json.dumps(["x"] * n)}
-        save_file({"latents": latents + 0.1 * torch.randn(latents.shape, generator=g), "features": features},
-                  str(latents_dir / f"{split}.safetensors"), metadata=meta)
+        save_latents(latents_dir / f"{split}.safetensors", latents + 0.1 * torch.randn(latents.shape, generator=g),
+                     features, [f"{split}{i}" for i in range(n)], ["x"] * n)
     MelVAE.from_config("small").save(str(root / "vae"))
     return root
 

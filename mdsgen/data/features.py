@@ -139,10 +139,24 @@ def load_split(dataset_dir, features_dir, split: str) -> dict:
             "mels": torch.from_numpy(np.stack([a["mel"] for a in arrays]))}
 
 
-def encode_latents(dataset_dir, features_dir, vae, out_dir, batch_size: int = 16) -> dict:
-    """Mel -> VAE latents for every split, saved with their frame features as `<split>.safetensors`."""
+LATENTS_INDEX = "index"  # the clip ids and labels of a latents file, in order
+
+
+def save_latents(path, latents: torch.Tensor, features: torch.Tensor, clip_ids: list, labels: list) -> None:
+    """One split's latents [N, C, H, W] and frame features [N, T, F], with its clip index, written atomically."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    # One metadata entry: safetensors writes several in a per-process random order, and the file's
+    # bytes (its DVC hash, and so every stage after it) would change on each re-run.
+    meta = {LATENTS_INDEX: json.dumps({"clip_ids": list(clip_ids), "labels": list(labels)})}
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({"latents": latents.contiguous(), "features": features.contiguous()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def encode_latents(dataset_dir, features_dir, vae, out_dir, batch_size: int = 16) -> dict:
+    """Mel -> VAE latents for every split, saved with their frame features as `<split>.safetensors`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -153,11 +167,7 @@ def encode_latents(dataset_dir, features_dir, vae, out_dir, batch_size: int = 16
             continue
         with torch.inference_mode():
             latents = torch.cat([vae.encode(m) for m in data["mels"].split(batch_size)])
-        meta = {"clip_ids": json.dumps(data["clip_ids"]), "labels": json.dumps(data["labels"])}
-        tensors = {"latents": latents.contiguous(), "features": data["features"].contiguous()}
-        tmp = out / f".{split}.partial"
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(out / f"{split}.safetensors")
+        save_latents(out / f"{split}.safetensors", latents, data["features"], data["clip_ids"], data["labels"])
         counts[split] = len(data["clip_ids"])
     return counts
 
@@ -169,6 +179,10 @@ def load_latents(latents_dir, split: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no latents for the {split} split (run `mdsgen encode`)")
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+        meta = f.metadata() or {}
+        if LATENTS_INDEX not in meta:
+            raise ValueError(f"{path}: no clip index in its metadata (written by an older mdsgen: re-run "
+                             "`mdsgen encode`, or `dvc repro encode`)")
+        index = json.loads(meta[LATENTS_INDEX])
         return {"latents": f.get_tensor("latents"), "features": f.get_tensor("features"),
-                "clip_ids": json.loads(meta["clip_ids"]), "labels": json.loads(meta["labels"])}
+                "clip_ids": index["clip_ids"], "labels": index["labels"]}
