@@ -1,5 +1,6 @@
 """The embedded dataset, feature caches, VAE training, latents, and the DVC pipeline (ci profile)."""
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -10,11 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from media import make_video, streams
-from procs import digests, run
-from mdsgen.media.audio import load_audio, wave_to_mel
+from procs import ROOT, digests, run
+from mdsgen.media.audio import MEL_FIELDS, AudioConfig, load_audio, wave_to_mel
 from mdsgen.data.dataset import (DatasetConfig, detect_onsets, import_vggsound, read_metadata, render_clip,
                             stamp_recording, stamp_sources)
 from mdsgen.config import load_params
@@ -171,6 +173,8 @@ def test_features_are_deterministic_and_incremental(tmp_path, ci_repo):
         assert np.allclose(ours["features"], theirs["features"], atol=1e-5)
         assert np.array_equal(ours["mel"], theirs["mel"])
     assert extract_features(mini, tmp_path / "f", spec, workers=1)["computed"] == 0
+    vocoder_only = dataclasses.replace(AudioConfig(), griffin_lim_iters=8, vocoder_precision="bf16")
+    assert extract_features(mini, tmp_path / "f", spec, vocoder_only, workers=1)["computed"] == 0
     make_video(mini / "clips" / f"{rows[0]['clip_id']}.mp4", seconds=8.0, fps=16)  # a clip changes
     write_metadata(mini, rows[:2])  # another leaves the dataset
     again = extract_features(mini, tmp_path / "f", spec, workers=1)
@@ -226,8 +230,20 @@ def test_changing_a_parameter_reruns_only_what_depends_on_it(ci_repo, pipeline_e
     (repo / "params.yaml").write_text(params)
     changed = run(["dvc", "status"], repo, pipeline_env).stdout
     assert "train_vae" in changed and "dataset:" not in changed and "features:" not in changed
+    # A vocoder setting reaches the VAE stage's report, not the features (they hold the mel only).
+    params = (repo / "params.yaml").read_text()
+    assert "griffin_lim_iters: 32" in params
+    (repo / "params.yaml").write_text(params.replace("griffin_lim_iters: 32", "griffin_lim_iters: 16"))
+    changed = run(["dvc", "status"], repo, pipeline_env).stdout
+    assert "train_vae" in changed and "features:" not in changed
     run(["git", "checkout", "params.yaml"], repo)
     assert "up to date" in run(["dvc", "status"], repo, pipeline_env).stdout
+
+
+def test_the_features_stage_reads_the_mel_settings_the_code_fingerprints():
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["features"]
+    audio = [p.removeprefix("audio.") for p in stage["params"] if p.startswith("audio")]
+    assert tuple(audio) == MEL_FIELDS
 
 
 def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline_env):

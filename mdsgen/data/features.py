@@ -94,7 +94,7 @@ def extract_features(dataset_dir, out_dir, encoder_spec: dict, audio_cfg: AudioC
     dataset_dir, out = Path(dataset_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_metadata(dataset_dir)
-    settings = json.dumps([encoder_spec, asdict(audio_cfg), asdict(video_cfg)], sort_keys=True)
+    settings = json.dumps([encoder_spec, audio_cfg.mel_settings(), asdict(video_cfg)], sort_keys=True)
     index_path = out / INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     wanted = {r["clip_id"] for r in rows}

@@ -27,6 +27,7 @@ from mdsgen.base.precision import PRECISIONS
 
 MEL_SCALES = ("paper", "log")
 VOCODERS = ("griffin-lim", "hifigan")
+MEL_FIELDS = ("sample_rate", "clip_samples", "n_fft", "hop_length", "n_mels", "fmin", "fmax", "mel_scale")
 LOG_MEL_MIN = float(np.log(1e-5))   # HiFi-GAN's clamp
 LOG_MEL_MAX = 2.5                   # headroom above the loudest bin of the demo clips (measured 1.84); clipped
 
@@ -61,6 +62,10 @@ class AudioConfig:
             wrong = {k: getattr(self, k) for k, v in wanted.items() if getattr(self, k) != v}
             if wrong:
                 raise ValueError(f"audio.vocoder hifigan needs its own mel format {wanted}; these differ: {wrong}")
+
+    def mel_settings(self) -> dict:
+        """The fields that shape the mel (what the features stage computes); the vocoder's are left out."""
+        return {name: getattr(self, name) for name in MEL_FIELDS}
 
     @property
     def clip_seconds(self) -> float:
