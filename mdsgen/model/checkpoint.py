@@ -99,6 +99,10 @@ def init_checkpoint(params, seed: int = 0) -> Checkpoint:
         vae = load_vae(params.vae.path, params.vae.decode_channel)
     else:
         vae = MelVAE.from_config(params.vae.config, params.vae.decode_channel)
+    frames = model_args.setdefault("num_frames", params.video.frames_per_window)  # the frames a window holds
+    if frames != params.video.frames_per_window:
+        raise ValueError(f"model.num_frames {frames} differs from video.frames_per_window "
+                         f"{params.video.frames_per_window}: leave model.num_frames out to follow the video")
     if model_args.get("time_axis", "width") == "width":  # the latent grid follows the mel and the VAE
         model_args.setdefault("in_channels", vae.latent_channels)
         model_args.setdefault("input_size", vae.latent_size(params.audio.n_mels, params.audio.mel_frames))
