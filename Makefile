@@ -57,7 +57,7 @@ demo-serve: setup
 	@model=$$(python -c 'import json; d = json.load(open("reports/promotion.json")); \
 	print("models:/%s@%s" % (d["name"], "champion" if d["champion"] else "challenger"))'); \
 	echo "Try it:     mdsgen app --model $$model   (then open http://127.0.0.1:7860)"
-	@store="$$(python -c 'from mdsgen.config import load_params as l; from mdsgen.evaluation.tracking import tracking_uri as t; print(t(l().mlflow["tracking_uri"]))')"; \
+	@store="$$(python -c 'from mdsgen.config import load_params as l; from mdsgen.evaluation.tracking import tracking_uri as t; print(t(l().mlflow.tracking_uri))')"; \
 	case "$$store" in http*) echo "MLflow UI:  $$store";; \
 	*) echo "MLflow UI:  mlflow ui --backend-store-uri $$store  (then open http://127.0.0.1:5000)";; esac
 
