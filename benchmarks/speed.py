@@ -255,7 +255,8 @@ def bench_precision(repeats: int) -> dict:
     ckpt = init_checkpoint(params)
     shape = (ckpt.model.config.in_channels, *ckpt.model.config.input_size)
     g = torch.Generator().manual_seed(0)
-    latents, features = torch.randn(64, *shape, generator=g), torch.randn(64, 32, FEATURE_DIM, generator=g)
+    latents = torch.randn(64, *shape, generator=g)
+    features = torch.randn(64, params.video.frames_per_window, FEATURE_DIM, generator=g)
     rows = {"native_bf16": native_bf16("cpu"), "batch": params.train.batch_size, "train_step_s": {}}
     for name, precision, compiled in (("fp32", "fp32", False), ("bf16", "bf16", False),
                                       ("fp32_compiled", "fp32", True), ("bf16_compiled", "bf16", True)):

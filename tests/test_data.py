@@ -230,12 +230,14 @@ def test_changing_a_parameter_reruns_only_what_depends_on_it(ci_repo, pipeline_e
     (repo / "params.yaml").write_text(params)
     changed = run(["dvc", "status"], repo, pipeline_env).stdout
     assert "train_vae" in changed and "dataset:" not in changed and "features:" not in changed
-    # A vocoder setting reaches the VAE stage's report, not the features (they hold the mel only).
+    run(["git", "checkout", "params.yaml"], repo)
+    # A vocoder setting reaches the VAE stage's report and the checkpoint (which carries it to evaluation and
+    # serving), not the features (they hold the mel only).
     params = (repo / "params.yaml").read_text()
     assert "griffin_lim_iters: 32" in params
     (repo / "params.yaml").write_text(params.replace("griffin_lim_iters: 32", "griffin_lim_iters: 16"))
     changed = run(["dvc", "status"], repo, pipeline_env).stdout
-    assert "train_vae" in changed and "features:" not in changed
+    assert "train_vae" in changed and "train:" in changed and "features:" not in changed
     run(["git", "checkout", "params.yaml"], repo)
     assert "up to date" in run(["dvc", "status"], repo, pipeline_env).stdout
 
@@ -244,6 +246,9 @@ def test_the_features_stage_reads_the_mel_settings_the_code_fingerprints():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["features"]
     audio = [p.removeprefix("audio.") for p in stage["params"] if p.startswith("audio")]
     assert tuple(audio) == MEL_FIELDS
+    # every other audio setting belongs to the vocoder: a new field that shapes the mel must join MEL_FIELDS
+    others = {f.name for f in dataclasses.fields(AudioConfig)} - set(MEL_FIELDS)
+    assert others == {"griffin_lim_iters", "griffin_lim_momentum", "vocoder", "vocoder_precision"}
 
 
 def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline_env):

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -217,7 +219,7 @@ def test_whole_spectrum_tokens_cover_all_bins_of_their_frames():
         tiny(input_size=(80, 700), in_channels=1, patch_size=[80, 8])
 
 
-def test_the_model_takes_the_frames_a_window_holds():
+def test_the_model_takes_the_frames_a_window_holds(tmp_path):
     from dataclasses import replace
 
     from mdsgen.config import Params
@@ -232,3 +234,13 @@ def test_the_model_takes_the_frames_a_window_holds():
     assert model(x, torch.tensor([500]), torch.randn(1, 64, model.config.feature_dim)).shape == x.shape
     with pytest.raises(ValueError, match="model.num_frames 32 differs from video.frames_per_window 64"):
         init_checkpoint(replace(eight_fps, model={**small, "num_frames": 32}))
+
+    # a checkpoint whose model and video settings disagree is refused when loaded, not at its first request
+    from mdsgen.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    save_checkpoint(init_checkpoint(eight_fps), str(tmp_path / "ckpt"))
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["video"]["frames_per_window"] = 32
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="the model reduces 64 frames, its video settings give 32"):
+        load_checkpoint(str(tmp_path / "ckpt"))

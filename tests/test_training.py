@@ -209,6 +209,10 @@ def test_bad_training_settings_are_named(workdir, tmp_path):
     proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "bad", params)[:1], str(tmp_path / "nowhere"),
                 *train_cmd(workdir, "bad", params)[2:]], workdir, check=False)
     assert proc.returncode == 2 and "no latents for the train split" in proc.stderr
+    eight_fps = {"fps": 8.0, "frames_per_window": 64, "hop_frames": 56}  # latents made at 32 frames per clip
+    params.write_text(yaml.safe_dump({"model": SMALL_MODEL, "video": eight_fps, "train": {"steps": 4, "batch_size": 8}}))
+    proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "bad", params)], workdir, check=False)
+    assert proc.returncode == 2 and "32 frames per clip, video.frames_per_window is 64" in proc.stderr
 
 
 def test_the_kubeflow_train_task_resumes_from_its_volume_after_a_kill(workdir, mlflow_server):

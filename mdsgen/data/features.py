@@ -147,7 +147,7 @@ def save_latents(path, latents: torch.Tensor, features: torch.Tensor, clip_ids: 
     from safetensors.torch import save_file
 
     path = Path(path)
-    # One metadata entry: safetensors writes several in a per-process random order, and the file's
+    # One metadata entry: safetensors writes several in a random order on every write, and the file's
     # bytes (its DVC hash, and so every stage after it) would change on each re-run.
     meta = {LATENTS_INDEX: json.dumps({"clip_ids": list(clip_ids), "labels": list(labels)})}
     tmp = path.with_name(f".{path.name}.partial")

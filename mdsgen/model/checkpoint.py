@@ -71,6 +71,10 @@ def load_checkpoint(uri: str, device: str = "cpu") -> Checkpoint:
                         video=VideoConfig(**config["video"]), sampling=SamplingConfig(**config["sampling"]))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{uri}: config.json does not describe this version's model ({err})") from err
+    window = settings["video"].frames_per_window
+    if model.config.conditioning != "cross_attention" and model.config.num_frames != window:
+        raise CheckpointError(f"{uri}: the model reduces {model.config.num_frames} frames, its video settings give "
+                              f"{window} per window")
     try:
         weights = load_file(str(folder / "model.safetensors"))
     except Exception as err:  # safetensors raises its own error type for damaged files

@@ -345,6 +345,9 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
     if ckpt.model.config.feature_dim != data["features"].shape[-1]:
         raise ValueError(f"{latents_dir}: features are {data['features'].shape[-1]}-d, the configured frame "
                          f"encoder gives {ckpt.model.config.feature_dim}-d (re-run the features stage)")
+    if ckpt.model.config.num_frames != data["features"].shape[1]:
+        raise ValueError(f"{latents_dir}: {data['features'].shape[1]} frames per clip, video.frames_per_window is "
+                         f"{ckpt.model.config.num_frames} (re-run the features stage)")
     trainer = Trainer(ckpt.model, cfg, device)
     recipe = {"train": cfg.recipe(), "model": ckpt.model.config.to_dict(),
               "data": data_fingerprint(Path(latents_dir) / "train.safetensors"), "world_size": trainer.world}
