@@ -95,8 +95,15 @@ def test_alignment_negatives_and_classifier_shapes():
         assert not torch.equal(neg[i], mels[i])
         if i % 2:  # shifted copies keep the clip's content
             assert torch.allclose(neg[i].sum(), mels[i].sum(), rtol=1e-4)
+    torch.manual_seed(0)
     model = AlignmentClassifier(AlignConfig(feature_dim=20))
-    assert model(torch.randn(6, 32, 20), mels).shape == (6,)
+    features = torch.randn(6, 32, 20)
+    logits = model(features, mels)
+    assert logits.shape == (6,)
+    # the same video at twice the frame rate (every frame shown twice) is judged on the same time grid
+    assert torch.allclose(model(features.repeat_interleave(2, dim=1), mels), logits, atol=1e-6)
+    reversed_video = model(features.flip(1).repeat_interleave(2, dim=1), mels)  # the order of frames counts
+    assert (reversed_video - logits).abs().max() > 1e-4
 
 
 def test_onset_auc_rewards_sound_at_the_true_onsets_and_not_noise():

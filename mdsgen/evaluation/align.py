@@ -2,8 +2,11 @@
 video, in time? Trained by `mdsgen train-align` on real (frame features, mel) pairs of the training
 split against two kinds of negatives: another clip's audio, and the clip's own audio shifted in time.
 
-Both streams are brought to 32 steps (one per 4 fps frame; 16 mel frames = 256 ms per step), joined per
-step and read by a small temporal convolution net, so timing as well as content decides.
+Both streams are brought to 32 steps of a quarter second (frame features averaged onto them at any frame
+rate; mel frames pooled by a strided convolution), joined per step and read by a small temporal convolution
+net, so timing as well as content decides. The grid stays fixed across frame rates: fed 8 fps frames step
+for step (64 steps, its 5-step convolutions spanning half the seconds), the net learned nothing in 600
+steps (it rejected 0.17 of shifted pairs, against 0.93 at 4 fps).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ class AlignConfig:
     feature_dim: int = 1280
     n_mels: int = 128
     mel_frames: int = 512
-    steps_per_clip: int = 32
+    steps_per_clip: int = 32   # the time grid both streams are pooled onto, whatever the frame rate
     width: int = 128
 
 
@@ -52,9 +55,12 @@ class AlignmentClassifier(nn.Module):
         self.head = nn.Linear(cfg.width, 1)
 
     def forward(self, features: torch.Tensor, mels: torch.Tensor) -> torch.Tensor:
-        """Logit of "aligned" for features [B, 32, F] and mels [B, 128, 512] (paper scaling, [0, 1])."""
-        v = self.video(features).transpose(1, 2)            # [B, W, 32]
-        a = self.audio(mels)[..., :v.shape[-1]]             # [B, W, 32]
+        """Logit of "aligned" for features [B, frames, F] and mels [B, n_mels, mel_frames]."""
+        steps = self.cfg.steps_per_clip
+        v = self.video(features).transpose(1, 2)            # [B, W, frames]
+        if v.shape[-1] != steps:
+            v = nn.functional.adaptive_avg_pool1d(v, steps)  # [B, W, 32]
+        a = self.audio(mels)[..., :steps]                   # [B, W, 32]
         h = self.temporal(torch.cat([v, a], dim=1))
         return self.head(h.mean(-1)).squeeze(-1)
 
@@ -103,7 +109,7 @@ def train_align(dataset_dir, features_dir, out_dir, settings: AlignTraining, hop
     train = load_split(dataset_dir, features_dir, "train")
     val = load_split(dataset_dir, features_dir, "val")
     cfg = AlignConfig(feature_dim=train["features"].shape[-1], n_mels=train["mels"].shape[1],
-                      mel_frames=train["mels"].shape[2], steps_per_clip=train["features"].shape[1])
+                      mel_frames=train["mels"].shape[2])
     model = AlignmentClassifier(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     max_shift = round(settings.max_shift_seconds / hop_seconds)
