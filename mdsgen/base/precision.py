@@ -1,5 +1,6 @@
 """Which devices run bfloat16 matrix kernels natively: there bf16 autocast pays (1.7x for the demo's training
-step and its HiFi-GAN on an AVX-512-BF16 CPU, BENCHMARKS.md 4); elsewhere on a CPU it is emulated and slower."""
+step and its HiFi-GAN on an AVX-512-BF16 CPU, BENCHMARKS.md 4); elsewhere on a CPU it is emulated and slower.
+"auto" picks bf16 where it is native and fp32 elsewhere, so one recipe runs at its best on either machine."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @lru_cache(maxsize=None)
@@ -21,11 +22,19 @@ def native_bf16(device_type: str) -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def autocast(device_type: str, precision: str, what: str):
-    """bf16 autocast on `device_type` (said on stderr once when the device emulates it), or nothing for fp32."""
+def resolve(device_type: str, precision: str, what: str) -> str:
+    """"fp32" or "bf16": `precision` itself, or for "auto" bf16 where `device_type` runs it natively."""
     if precision not in PRECISIONS:
         raise ValueError(f"{what} {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+    if precision == "auto":
+        return "bf16" if native_bf16(device_type) else "fp32"
+    return precision
+
+
+def autocast(device_type: str, precision: str, what: str):
+    """bf16 autocast on `device_type` (said on stderr once when the device emulates it), or nothing for fp32;
+    "auto" resolves per device (`resolve`)."""
+    if resolve(device_type, precision, what) == "fp32":
         return contextlib.nullcontext()
     if not native_bf16(device_type):
         _warn_once(what, device_type)

@@ -45,7 +45,7 @@ class AudioConfig:
     griffin_lim_momentum: float = 0.99
     mel_scale: str = "paper"        # "paper" (dB to [0, 1]) or "log" (HiFi-GAN's natural log, to [0, 1])
     vocoder: str = "griffin-lim"    # or "hifigan": the universal HiFi-GAN, which needs its own mel format
-    vocoder_precision: str = "fp32"  # HiFi-GAN under "bf16" autocast: 1.7x on CPUs with AVX-512-BF16, same scores
+    vocoder_precision: str = "fp32"  # HiFi-GAN under bf16 autocast: 1.7x on CPUs with AVX-512-BF16, same scores ("auto": there)
 
     def __post_init__(self):
         if self.mel_scale not in MEL_SCALES:

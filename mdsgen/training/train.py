@@ -27,11 +27,10 @@ import torch.distributed as dist
 from adan_pytorch import Adan
 from safetensors.torch import load_file, save_file
 
-from mdsgen.base.precision import autocast
+from mdsgen.base.precision import PRECISIONS, autocast
 from mdsgen.model.diffusion import draw_training_noise, training_loss
 from mdsgen.model.network import MDSGen
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class TrainConfig:
     time_roll: bool = False        # roll each clip's latents and frames together by a random whole frame count
     grad_clip: float = 1.0
     seed: int = 0
-    precision: str = "auto"        # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX-512-BF16
+    precision: str = "auto"        # auto: bf16 autocast where the device runs it natively (CUDA, AVX-512-BF16), else fp32
     checkpoint_every: int = 1000   # training state for resuming; also written at the end
     keep_checkpoints: int = 2
     log_every: int = 10            # MLflow metrics, averaged over the last `log_every` steps
@@ -111,8 +110,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.losses = {"first": None, "last": None}  # kept in the state: a resumed run still knows them
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast = autocast(self.device.type, "bf16" if bf16 else "fp32", "train.precision")
+        self.autocast = autocast(self.device.type, cfg.precision, "train.precision")
 
     def step(self, latents: torch.Tensor, features: torch.Tensor) -> dict:
         """One step on a batch drawn from the whole training set (latents [N, C, H, W], features [N, T, F])."""
