@@ -16,6 +16,8 @@ def test_efficientnet_features_are_l2_normalised_and_deterministic():
     assert features.shape == (2, 3, 1280)
     assert torch.allclose(features.norm(dim=-1), torch.ones(2, 3), atol=1e-5)
     assert torch.equal(features, encoder(frames))
+    # frames go through the network a few at a time on a CPU (the speed); one batch gives the same features
+    assert torch.allclose(EfficientNetLite0Encoder(chunk=64)(frames), features, atol=1e-6)
 
 
 def test_efficientnet_weights_are_the_imagenet_ones(badger):

