@@ -13,6 +13,7 @@ from mdsgen.cli.common import (
 
 
 def cmd_serve(args) -> int:
+    from mdsgen.evaluation.tracking import use_tracking
     from mdsgen.serving import server as triton  # the tritonserver process and its model repository
 
     p = read_params(args.params)
@@ -22,7 +23,7 @@ def cmd_serve(args) -> int:
         server = triton.stop(state_dir)
         print(f"stopped tritonserver (pid {server.pid})" if server else "no server was running")
         return 0
-    use_mlflow(args.params)  # the model may be a registry URI
+    use_tracking(p.mlflow.tracking_uri, p.mlflow.experiment)  # the model may be a registry URI
     model, limits = args.model or settings.model, settings.limits
     if args.export:
         checkpoint, version = triton.resolve_served_model(model)

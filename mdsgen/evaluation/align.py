@@ -5,8 +5,8 @@ split against two kinds of negatives: another clip's audio, and the clip's own a
 Both streams are brought to 32 steps of a quarter second (frame features averaged onto them at any frame
 rate; mel frames pooled by a strided convolution), joined per step and read by a small temporal convolution
 net, so timing as well as content decides. The grid stays fixed across frame rates: fed 8 fps frames step
-for step (64 steps, its 5-step convolutions spanning half the seconds), the net learned nothing in 600
-steps (it rejected 0.17 of shifted pairs, against 0.93 at 4 fps).
+for step (64 steps, its 5-step convolutions spanning half the seconds), the net learned a constant answer
+in 600 steps (val accuracy 0.50 on the demo's 8 fps, 224 px features; 0.85 with the fixed grid).
 """
 from __future__ import annotations
 
