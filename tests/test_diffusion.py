@@ -62,11 +62,26 @@ def test_texture_noise_is_the_rolled_start_noise_seeded_and_batch_independent(mo
     assert torch.allclose(alone, textured[1:2], atol=1e-4)
 
 
+def test_guidance_interval_guides_only_the_noisy_steps(model):
+    f = torch.randn(2, 32, 8)
+    noise = torch.randn(2, 4, 16, 64, generator=torch.Generator().manual_seed(0))
+    guided = sample(model, f, SamplingConfig(steps=5, cfg_scale=3.0), noise=noise)
+    unguided = sample(model, f, SamplingConfig(steps=5, cfg_scale=1.0), noise=noise)
+    assert torch.equal(sample(model, f, SamplingConfig(steps=5, cfg_scale=3.0, cfg_min_t=0), noise=noise), guided)
+    # above every step (DDIM's trailing steps: 999, 799, ..., 199): the conditional prediction alone
+    assert torch.equal(sample(model, f, SamplingConfig(steps=5, cfg_scale=3.0, solver="ddim", cfg_min_t=1000),
+                              noise=noise),
+                       sample(model, f, SamplingConfig(steps=5, cfg_scale=1.0, solver="ddim"), noise=noise))
+    between = sample(model, f, SamplingConfig(steps=5, cfg_scale=3.0, cfg_min_t=500), noise=noise)
+    assert (between - guided).abs().max() > 1e-3 and (between - unguided).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("values,message", [
     (dict(steps=0), "steps"), (dict(steps=5000), "steps"),
     (dict(cfg_scale=-1.0), "cfg_scale"), (dict(cfg_scale=math.nan), "cfg_scale"),
     (dict(cfg_scale=1e9), "cfg_scale"), (dict(cfg_power=0.0), "cfg_power"),
     (dict(texture_noise=-0.1), "texture_noise"), (dict(texture_noise=math.nan), "texture_noise"),
+    (dict(cfg_min_t=-1), "cfg_min_t"), (dict(cfg_min_t=1001), "cfg_min_t"), (dict(cfg_min_t=0.5), "cfg_min_t"),
 ])
 def test_absurd_sampling_settings_are_refused(values, message):
     with pytest.raises(ValueError, match=message):

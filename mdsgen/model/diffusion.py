@@ -33,6 +33,7 @@ class SamplingConfig:
     solver_order: int = 2
     solver: str = "dpmsolver++"    # or "ddim"
     texture_noise: float = 0.0     # std of Gaussian noise left in the sample (see `sample`); 0: none (the paper)
+    cfg_min_t: int = 0             # guidance only at steps t >= this (a guidance interval); below, one conditional pass
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -45,6 +46,8 @@ class SamplingConfig:
             raise ValueError(f"cfg_power {self.cfg_power}: must be positive")
         if not (math.isfinite(self.texture_noise) and 0.0 <= self.texture_noise <= 1.0):
             raise ValueError(f"texture_noise {self.texture_noise}: must be between 0 and 1")
+        if not (isinstance(self.cfg_min_t, int) and 0 <= self.cfg_min_t <= TRAIN_STEPS):
+            raise ValueError(f"cfg_min_t {self.cfg_min_t!r}: must be a whole step between 0 and {TRAIN_STEPS}")
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -170,10 +173,11 @@ def sample(model: MDSGen, features: torch.Tensor, sampling: SamplingConfig = Sam
     scheduler.set_timesteps(sampling.steps, device=features.device)
     for i, t in enumerate(scheduler.timesteps):
         ts = t.expand(x.shape[0]).to(features.device)
-        if sampling.cfg_scale == 1.0:
-            out = model(x, ts, features)
-        else:
+        guided = sampling.cfg_scale != 1.0 and int(t) >= sampling.cfg_min_t
+        if guided:
             out = model.forward_with_cfg(x, ts, features, guidance_scale(t, sampling.cfg_scale, sampling.cfg_power))
+        else:
+            out = model(x, ts, features)
         x = scheduler.step(out, t, x).prev_sample
         if on_step is not None:
             on_step(i + 1, len(scheduler.timesteps))
