@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mdsgen.evaluation.align import AlignConfig, AlignmentClassifier, negatives
-from mdsgen.evaluation.evaluate import Checks, markdown_table, nearest_training_clips, shuffled_partners
+from mdsgen.evaluation.evaluate import (Checks, markdown_table, nearest_training_clips, shuffled_partners,
+                                       token_boundary_ratio)
 from mdsgen.evaluation.metrics import (SoundNet, class_agreement, frechet_distance, inception_score, onset_sync,
                             paired_kl)
 from mdsgen.evaluation.registry import gate_decision
@@ -181,7 +182,8 @@ def test_the_verdict_joins_both_kinds_of_check_and_the_table_says_why():
     checks = Checks()
     model = {"class_agreement": 0.21, "onset_auc": 0.70, "frechet_distance": 120.0, "params_inference": 9e6,
              "seconds_per_clip": 1.6, "denoise_seconds_per_clip": 0.4, "device": "cpu", "peak_memory_mb": 900.0,
-             "latent_abs_max": 4.0, "real_latent_abs_max": 3.9, "conditioning_gain": 1.0, **diagnostics([1.0] * 5)}
+             "latent_abs_max": 4.0, "real_latent_abs_max": 3.9, "token_boundary_ratio": 3.77,
+             "real_token_boundary_ratio": 1.0, "conditioning_gain": 1.0, **diagnostics([1.0] * 5)}
     shuffled = {"class_agreement": 0.20, "onset_auc": 0.50, "frechet_distance": 125.0}
     failures = checks.failures(diagnostics([1.0] * 5), model, shuffled)
     assert [f.split()[0] for f in failures] == ["conditioning_gain_peak", "class_agreement"]
@@ -190,6 +192,7 @@ def test_the_verdict_joins_both_kinds_of_check_and_the_table_says_why():
               "sampling": {"steps": 25, "cfg_scale": 2.0, "solver": "ddim"}}
     table = markdown_table(result)
     assert "Diagnostics (FAIL (conditioning_gain_peak 1.000 < 1.02; class_agreement 0.210 is not 0.05" in table
+    assert "token boundaries over those inside tokens 3.77 (real 1.00)" in table
     # onset_auc dropped (a dataset without known onsets): only class agreement is compared
     assert Checks.from_params({"min_over_shuffled": {"class_agreement": 0.05, "onset_auc": None}}).control_failures(
         {"class_agreement": 0.3}, {"class_agreement": 0.0}) == []
@@ -207,3 +210,23 @@ def test_checks_refuse_an_unknown_or_malformed_bound():
     with pytest.raises(ValueError, match=r"\['frechet_distance'\] cannot be compared that way"):
         Checks.from_params({"min_over_shuffled": {"frechet_distance": 5.0}})  # lower is better: not "above"
     assert Checks(latent_std_ratio=[0.7, 1.3]).latent_std_ratio == (0.7, 1.3)
+
+
+def test_token_boundary_ratio_marks_blocks_on_the_token_grid_and_nothing_else():
+    """Loudness bumps at random frames leave no mark on the 8-frame grid (1.0; 0.98-1.06 over 8 seeds);
+    the same clips with each token set to its mean, plus fresh noise, jump at every boundary (9.0-10.8)."""
+    g = torch.Generator().manual_seed(0)
+    frames, t = 704, torch.arange(704).float()
+    envelope = torch.zeros(8, frames)
+    for clip in range(8):
+        for start in torch.randint(0, frames - 60, (3,), generator=g).tolist():
+            envelope[clip] += torch.exp(-0.5 * ((t - start - 30) / 10) ** 2)
+    smooth = (torch.rand(80, 1, generator=g) * envelope[:, None] + 0.05 * torch.randn(8, 80, frames, generator=g))
+    smooth = smooth.unsqueeze(1)                                            # [clips, 1, mel bins, frames]
+    blocks = smooth.view(8, 1, 80, 88, 8).mean(-1, keepdim=True).expand(-1, -1, -1, -1, 8).reshape(smooth.shape)
+    blocky = blocks + 0.05 * torch.randn(smooth.shape, generator=g)
+    assert 0.9 < token_boundary_ratio(smooth, 8, -1) < 1.15
+    assert token_boundary_ratio(blocky, 8, -1) > 5.0
+    assert token_boundary_ratio(3.0 * smooth - 1.0, 8, -1) == pytest.approx(token_boundary_ratio(smooth, 8, -1), rel=1e-4)
+    # time on the height axis (the AudioLDM layout) reads the same
+    assert token_boundary_ratio(blocky.transpose(-1, -2), 8, -2) == pytest.approx(token_boundary_ratio(blocky, 8, -1))

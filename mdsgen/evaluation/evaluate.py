@@ -146,14 +146,32 @@ class EvaluateConfig:
         return cls(**values)
 
 
+def token_boundary_ratio(latents: torch.Tensor, token: int, time_dim: int) -> float:
+    """How much the latents' loudness envelope [clips, time] jumps where one token ends and the next begins,
+    over how much it changes inside tokens, in the louder half of each clip: 1.0 where the token grid
+    leaves no mark (real audio), far above it where the network fills each token as one block (the
+    stripes inside events, REPORT.md 5m). Invariant to the latents' scale and shift."""
+    envelope = latents.float().movedim(time_dim, -1).flatten(1, -2).mean(1)
+    jumps = (envelope[:, 1:] - envelope[:, :-1]).abs()
+    crossing = torch.zeros(jumps.shape[1], dtype=torch.bool)
+    crossing[token - 1::token] = True  # the jump from a token's last frame to the next token's first
+    loud = envelope[:, :-1] > envelope.median(1, keepdim=True).values
+    return (jumps[:, crossing][loud[:, crossing]].mean() / jumps[:, ~crossing][loud[:, ~crossing]].mean()).item()
+
+
 def diagnose(model, samples: torch.Tensor, real: torch.Tensor, features: torch.Tensor, partners: list[int],
              device: str = "cpu") -> dict:
-    """Sample statistics against the real latents, conditioning gain and own-vs-other distance."""
+    """Sample statistics against the real latents, token-boundary marks, conditioning gain and own-vs-other
+    distance."""
     own = (samples - real).pow(2).flatten(1).mean(1)
     other = (samples - real[partners]).pow(2).flatten(1).mean(1)
     gains = conditioning_gain(model, real.to(device), features.to(device))
+    cfg = model.config
+    token, time_dim = (cfg.patch[1], -1) if cfg.time_axis == "width" else (cfg.patch[0], -2)
     return {"latent_std_ratio": (samples.std() / real.std()).item(), "latent_abs_max": samples.abs().max().item(),
             "real_latent_abs_max": real.abs().max().item(),
+            "token_boundary_ratio": token_boundary_ratio(samples, token, time_dim),
+            "real_token_boundary_ratio": token_boundary_ratio(real, token, time_dim),
             "conditioning_gain": float(np.mean([g["gain"] for g in gains.values()])),
             "conditioning_gain_peak": max(g["gain"] for g in gains.values()),
             **{f"conditioning_gain_t{t}": g["gain"] for t, g in gains.items()},
@@ -296,7 +314,9 @@ def markdown_table(result: dict) -> str:
         gains = ", ".join(f"t={k.rsplit('t', 1)[1]} {v:.3f}" for k, v in e.items() if k.startswith("conditioning_gain_t"))
         verdict = "pass" if e["diagnostics_pass"] else f"FAIL ({result.get('diagnostics_failures')})"
         lines += ["", f"Diagnostics ({verdict}): sampled latent std {e['latent_std_ratio']:.3f}x the real "
-                  f"(abs max {e['latent_abs_max']:.2f} vs {e['real_latent_abs_max']:.2f}); conditioning gain "
+                  f"(abs max {e['latent_abs_max']:.2f} vs {e['real_latent_abs_max']:.2f}); loudness jumps at "
+                  f"token boundaries over those inside tokens {e['token_boundary_ratio']:.2f} (real "
+                  f"{e['real_token_boundary_ratio']:.2f}); conditioning gain "
                   f"(unconditional / conditional prediction error) {gains} (peak {e['conditioning_gain_peak']:.3f}); "
                   f"sample-to-own-latent over "
                   f"sample-to-other-clip distance {e['own_vs_other_distance']:.3f}."]
