@@ -219,6 +219,37 @@ def test_whole_spectrum_tokens_cover_all_bins_of_their_frames():
         tiny(input_size=(80, 700), in_channels=1, patch_size=[80, 8])
 
 
+def test_output_conv_starts_as_the_model_without_it_and_lets_a_token_reach_its_neighbours():
+    torch.manual_seed(0)
+    plain = tiny(input_size=(80, 64), in_channels=1, patch_size=[80, 8])
+    conv = MDSGen(MDSGenConfig(**{**plain.config.to_dict(), "output_conv": 5}))
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert all(k.startswith("output_conv.") for k in missing) and missing and not unexpected
+    x, t, f = torch.randn(2, 1, 80, 64), torch.tensor([10, 900]), torch.randn(2, 32, 16)
+    assert torch.allclose(conv(x, t, f), plain(x, t, f), atol=1e-6)  # zero-initialised residual
+
+    def nudge_token_zero(module, inputs, out):  # change what the network says about frames 0-7 only
+        out = out.clone()
+        out[:, 0] += 1.0
+        return out
+
+    for model in (plain, conv):
+        torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    torch.nn.init.normal_(conv.output_conv.net[-1].weight, std=0.1)
+    before = {name: m(x, t, f) for name, m in (("plain", plain), ("conv", conv))}
+    for model in (plain, conv):
+        model.final_layer.register_forward_hook(nudge_token_zero)
+    changed = {name: (m(x, t, f) - before[name]).abs().amax((0, 1, 2)) > 0 for name, m in (("plain", plain), ("conv", conv))}
+    assert changed["plain"].nonzero().flatten().tolist() == list(range(8))       # a token's output stays on its frames
+    assert changed["conv"][:8].all() and changed["conv"][8:12].all() and not changed["conv"][12:].any()  # 2 x (5 // 2) frames on
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=f"output_conv {bad}"):
+            MDSGenConfig(output_conv=bad)
+    # the time axis on the height: the conv runs along H
+    tall = tiny(input_size=(64, 16), in_channels=4, patch_size=2, time_axis="height", output_conv=3)
+    assert tall(torch.randn(1, 4, 64, 16), t[:1], f[:1]).shape == (1, 4, 64, 16)
+
+
 def test_the_model_takes_the_frames_a_window_holds(tmp_path):
     from dataclasses import replace
 

@@ -12,6 +12,9 @@ encoder / side-interpolator / decoder layout (Gao et al.), with two MDSGen piece
 Two conditioning options beyond the paper, for its ablations and ours (REPORT.md): `conditioning=
 "cross_attention"` drops the Reducer and lets every block attend to all 32 projected frame features (as
 Diff-Foley's U-Net conditions); `frame_tokens` adds each frame's feature to the tokens of its time column.
+A third, `output_conv`, ends the network with a residual convolution along time (U-ViT ends with a conv for
+the same reason): without it each token's output is one linear map of its own state, and a mel sampled
+from whole-spectrum tokens jumps in loudness where one token ends and the next begins.
 
 The latent grid is [C, H, W]; `time_axis` says which of H ("height", the AudioLDM layout) or W ("width",
 the Stable Diffusion layout: 4 x 16 x 64, freq x time) is time.
@@ -50,6 +53,7 @@ class MDSGenConfig:
     frame_tokens: bool = False               # beyond the paper: each time column also gets its own frame's feature
     conditioning: str = "reducer"            # "reducer" (paper) or "cross_attention" (all frames, Diff-Foley style)
     prediction: str = "epsilon"              # what the network outputs: "epsilon" (paper), "v" (Salimans & Ho) or "x0"
+    output_conv: int = 0                     # beyond the paper: kernel (frames) of a residual conv along time; 0: none
 
     def __post_init__(self):
         self.input_size = tuple(self.input_size)
@@ -66,6 +70,8 @@ class MDSGenConfig:
             raise ValueError(f"mask_ratio {self.mask_ratio}: must be in [0, 1)")
         if any(s % p for s, p in zip(self.input_size, self.patch)):
             raise ValueError(f"input_size {self.input_size} is not divisible by patch {self.patch_size}")
+        if self.output_conv < 0 or (self.output_conv and self.output_conv % 2 == 0):
+            raise ValueError(f"output_conv {self.output_conv}: an odd kernel size in frames, or 0 for none")
         if not 0 < self.decoder_depth < self.depth:
             raise ValueError(f"decoder_depth {self.decoder_depth} must be between 1 and depth - 1")
 
@@ -238,6 +244,23 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+class OutputConv(nn.Module):
+    """x + conv(GELU(conv(x))) along the time axis, the other axes as channels; the second conv starts at
+    zero, so the network starts as without it. It lets an output cross the borders between tokens."""
+
+    def __init__(self, channels: int, kernel: int, time_axis: str):
+        super().__init__()
+        self.time_axis = time_axis
+        self.net = nn.Sequential(nn.Conv1d(channels, channels, kernel, padding=kernel // 2), nn.GELU(),
+                                 nn.Conv1d(channels, channels, kernel, padding=kernel // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x if self.time_axis == "width" else x.transpose(2, 3)    # [B, C, F, T]
+        b, c, f, t = seq.shape
+        seq = seq + self.net(seq.reshape(b, c * f, t)).view(b, c, f, t)
+        return seq if self.time_axis == "width" else seq.transpose(2, 3)
+
+
 def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
     """2-D sine-cosine position table [H*W, dim] (MAE / DiT)."""
     h, w = grid
@@ -278,6 +301,9 @@ class MDSGen(nn.Module):
         self.side_block = block()  # the side-interpolator: runs only in masked training passes
         self.de_blocks = nn.ModuleList(block() for _ in range(cfg.decoder_depth))
         self.final_layer = FinalLayer(dim, cfg.patch, cfg.in_channels)
+        freq = cfg.input_size[0] if cfg.time_axis == "width" else cfg.input_size[1]
+        self.output_conv = (OutputConv(cfg.in_channels * freq, cfg.output_conv, cfg.time_axis)
+                            if cfg.output_conv else None)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -303,6 +329,9 @@ class MDSGen(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.output_conv is not None:
+            nn.init.zeros_(self.output_conv.net[-1].weight)
+            nn.init.zeros_(self.output_conv.net[-1].bias)
         if self.frame_embedder is not None:
             nn.init.zeros_(self.frame_embedder.project[-1].weight)
             nn.init.zeros_(self.frame_embedder.project[-1].bias)
@@ -361,7 +390,8 @@ class MDSGen(nn.Module):
             x = self.interpolate_masked(x, c, visible_ids, frames, context)
         for blk in self.de_blocks:
             x = blk(x, c, context=context)
-        return self.unpatchify(self.final_layer(x, c))
+        x = self.unpatchify(self.final_layer(x, c))
+        return x if self.output_conv is None else self.output_conv(x)
 
     def interpolate_masked(self, x, c, visible_ids, frames=0.0, context=None):
         """Put visible tokens back on the grid, fill the gaps with mask tokens, let the side block
