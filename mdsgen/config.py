@@ -27,7 +27,7 @@ from mdsgen.training.train import TrainConfig
 from mdsgen.training.vae_train import VAETrainConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class Params:
     audio: AudioConfig = field(default_factory=AudioConfig)
     video: VideoConfig = field(default_factory=VideoConfig)

@@ -39,5 +39,7 @@ def test_every_section_is_a_typed_frozen_config():
         assert is_dataclass(section) and type(section).__dataclass_params__.frozen, f.name
         with pytest.raises(FrozenInstanceError):
             setattr(section, fields(section)[0].name, None)
+    with pytest.raises(FrozenInstanceError):  # the whole: a stage cannot swap a section under another
+        p.train = None
     ci = parse_params(apply_profile(copy.deepcopy(RAW), "ci"))
     assert ci.evaluate.checks is None and load_params(ROOT / "params.yaml").evaluate.checks.min_conditioning_gain > 1
