@@ -32,7 +32,7 @@ def cmd_train(args) -> int:
 
     p = load_params(args.params)
     if args.steps:
-        p.train = replace(p.train, steps=args.steps)
+        p = replace(p, train=replace(p.train, steps=args.steps))
     metrics = train(p, storage.local_input(args.latents), storage.local_input(args.vae), args.out, args.state,
                     device=args.device,
                     on_step=step_progress(p.train.steps, "train") if os.environ.get("RANK", "0") == "0" else None)
