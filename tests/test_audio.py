@@ -6,8 +6,8 @@ import torch
 
 from mdsgen.base.errors import MediaError
 from mdsgen.base.precision import native_bf16, resolve
-from mdsgen.media.audio import (AudioConfig, fit_length, griffin_lim, griffin_lim_librosa, load_audio, scale_mel,
-                          unscale_mel, wave_to_mel)
+from mdsgen.media.audio import (AudioConfig, fit_length, griffin_lim, griffin_lim_librosa, load_audio, lowpass,
+                                scale_mel, unscale_mel, wave_to_mel)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,23 @@ def test_hifigan_mel_format_round_trips_a_real_recording(badger):
     # "auto" (the demo's setting): bf16 where this CPU runs it natively, fp32 (no emulated bf16) elsewhere
     auto = vocode(piece, dataclasses.replace(HIFIGAN, vocoder_precision="auto"))
     assert torch.equal(auto, bf16 if native_bf16("cpu") else fp32)
+    # the low-pass takes the vocoder's hiss above 8 kHz and nothing below it
+    cut = vocode(piece, dataclasses.replace(HIFIGAN, lowpass_hz=8000.0))
+    full, band = torch.fft.rfft(fp32[0]), torch.fft.rfft(cut[0])
+    above = torch.fft.rfftfreq(fp32.shape[-1], 1 / HIFIGAN.sample_rate) > 8000
+    assert full[above].abs().pow(2).sum() > 1e-4 * full.abs().pow(2).sum()  # there is hiss to remove
+    assert band[above].abs().max() < 1e-3 * full.abs().max()
+    assert torch.allclose(band[~above], full[~above], atol=1e-3 * full.abs().max().item())
+
+
+def test_lowpass_keeps_the_band_below_the_cutoff_and_nothing_above():
+    rate, t = 22050, torch.arange(22050, dtype=torch.float64) / 22050  # whole cycles: no leakage
+    low, high = torch.sin(2 * torch.pi * 1000 * t), 0.5 * torch.sin(2 * torch.pi * 10000 * t)
+    assert torch.allclose(lowpass(low + high, 8000.0, rate), low, atol=1e-9)
+    for off in (0.0, rate / 2, 48000.0):  # 0 or a cut-off at or above Nyquist: the wave as it was
+        assert torch.equal(lowpass(low + high, off, rate), low + high)
+    with pytest.raises(ValueError, match="lowpass_hz -1"):
+        AudioConfig(lowpass_hz=-1)
 
 
 def test_hifigan_needs_its_own_mel_format():

@@ -248,7 +248,7 @@ def test_the_features_stage_reads_the_mel_settings_the_code_fingerprints():
     assert tuple(audio) == MEL_FIELDS
     # every other audio setting belongs to the vocoder: a new field that shapes the mel must join MEL_FIELDS
     others = {f.name for f in dataclasses.fields(AudioConfig)} - set(MEL_FIELDS)
-    assert others == {"griffin_lim_iters", "griffin_lim_momentum", "vocoder", "vocoder_precision"}
+    assert others == {"griffin_lim_iters", "griffin_lim_momentum", "vocoder", "vocoder_precision", "lowpass_hz"}
 
 
 def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline_env):
