@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mdsgen.config import load_params  # noqa: E402
 from mdsgen.data.dataset import read_metadata  # noqa: E402
-from mdsgen.evaluation.metrics import SoundNet, audio_scores  # noqa: E402
+from mdsgen.evaluation.evaluate import sound_net  # noqa: E402
+from mdsgen.evaluation.metrics import audio_scores  # noqa: E402
 from mdsgen.media.audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel  # noqa: E402
 from mdsgen.model.vae import load_vae  # noqa: E402
 
@@ -56,8 +57,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the rows as JSON")
     args = parser.parse_args()
 
-    cfg = load_params(args.params).audio
-    net = SoundNet()
+    params = load_params(args.params)
+    cfg = params.audio
+    first = next(r for r in read_metadata(args.dataset) if r["split"] == "test")
+    net = sound_net(params.evaluate.aisfx_band, args.dataset / "clips" / f"{first['clip_id']}.mp4")  # as evaluate hears
     real = real_clips(args.dataset, cfg, args.clips)
     real_sound = net(real, cfg.sample_rate)
     rows = {}

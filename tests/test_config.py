@@ -43,3 +43,14 @@ def test_every_section_is_a_typed_frozen_config():
         p.train = None
     ci = parse_params(apply_profile(copy.deepcopy(RAW), "ci"))
     assert ci.evaluate.checks is None and load_params(ROOT / "params.yaml").evaluate.checks.min_conditioning_gain > 1
+
+
+def test_a_value_out_of_its_choices_is_refused_with_the_key():
+    raw = copy.deepcopy(RAW)
+    raw["evaluate"] = dict(raw["evaluate"], aisfx_band="wide")
+    with pytest.raises(ValueError, match="evaluate.aisfx_band 'wide'"):
+        parse_params(raw)
+    raw = copy.deepcopy(RAW)
+    raw["audio"] = dict(raw["audio"], lowpass_hz=-8000)
+    with pytest.raises(ValueError, match="audio.lowpass_hz -8000"):
+        parse_params(raw)

@@ -63,6 +63,13 @@ def test_sound_net_tells_real_sounds_apart(badger):
     assert np.allclose(out["probs"][0], out["probs"][1])
     assert out["probs"][0].argmax() != out["probs"][2].argmax()
     assert out["embeddings"].shape[1] == 512
+    # a faint tone above 8 kHz: the full-band network hears it, one that hears a 16 kHz recording's band does not
+    rate = 22050
+    wave = load_audio(badger[1], rate)
+    hiss = wave + 0.003 * np.sin(2 * np.pi * 9000 * np.arange(len(wave)) / rate).astype(np.float32)
+    full, band = net([wave, hiss], rate), SoundNet(band_rate=SR)([wave, hiss], rate)
+    shift = {name: np.abs(np.subtract(*np.split(out["embeddings"], 2))).max() for name, out in (("full", full), ("band", band))}
+    assert shift["band"] < 0.05 * shift["full"], shift
 
 
 def test_gate_rule():

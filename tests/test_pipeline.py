@@ -39,6 +39,8 @@ def test_evaluation_scores_every_system(ci_repo):
     assert model["params_inference"] > 0 and model["seconds_per_clip"] > 0 and model["peak_memory_mb"] > 0
     table = (repo / "reports/eval/table.md").read_text()
     assert all(f"| {name} |" in table for name in SYSTEMS)
+    # aisfx hears every system in the band of the dataset's 16 kHz recordings, and the table says so
+    assert result["aisfx_band_rate"] == 16000 and "recordings' 16000 Hz" in table
     for name in ("metrics.png", "mels.png"):
         assert (repo / "reports/eval" / name).stat().st_size > 5000
 

@@ -39,11 +39,12 @@ from mdsgen.data.features import load_latents
 from mdsgen.evaluation.align import AlignmentClassifier
 from mdsgen.evaluation.metrics import ObjectProbe, SoundNet, audio_scores, onset_sync
 from mdsgen.inference.generate import FeaturesToAudio
-from mdsgen.media.audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel
+from mdsgen.media.audio import AudioConfig, fit_length, load_audio, recorded_rate, vocode, wave_to_mel
 from mdsgen.model.checkpoint import Checkpoint
 from mdsgen.model.diffusion import conditioning_gain
 from mdsgen.model.vae import MelStandardizer
 
+AISFX_BANDS = ("data", "full")
 SYSTEMS = ("model", "ground_truth_vae", "vocoder_only", "retrieval", "model_shuffled_video", "real_audio")
 TABLE_METRICS = ("frechet_distance", "kl", "inception_score", "class_agreement", "object_match",
                  "onset_median_error_ms", "onset_recall", "onset_precision", "onset_f1", "onset_auc", "align_aligned_share")
@@ -136,6 +137,11 @@ class EvaluateConfig:
     clips: int | None = None       # the first N test clips; None: all
     batch_size: int = 8
     checks: Checks | None = field(default_factory=Checks)
+    aisfx_band: str = "data"       # data: aisfx hears every system in the real recordings' band (SoundNet); full: as rendered
+
+    def __post_init__(self):
+        if self.aisfx_band not in AISFX_BANDS:
+            raise ValueError(f"evaluate.aisfx_band {self.aisfx_band!r}: use one of {', '.join(AISFX_BANDS)}")
 
     @classmethod
     def from_params(cls, values: dict | None) -> "EvaluateConfig":
@@ -184,12 +190,17 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def sound_net(aisfx_band: str, recording, device: str = "cpu") -> SoundNet:
+    """aisfx hearing every system in the band of a real `recording` (`aisfx_band: data`) or in full."""
+    return SoundNet(device, recorded_rate(recording) if aisfx_band == "data" else None)
+
+
 class TestSet:
     """The test clips and what scoring any system on them needs, computed once: frame features, true
     onsets, the real recordings and aisfx's outputs for them, the alignment classifier."""
 
     def __init__(self, dataset_dir, latents_dir, align_dir, audio_cfg, clips: int | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", aisfx_band: str = "data"):
         test = load_latents(latents_dir, "test")
         n = min(clips or len(test["clip_ids"]), len(test["clip_ids"]))
         self.audio_cfg, self.n = audio_cfg, n
@@ -200,7 +211,7 @@ class TestSet:
         self.timed = [i for i, cid in enumerate(self.ids) if cid in all_onsets]
         self.onsets = [all_onsets[self.ids[i]] for i in self.timed]
         self.real = self._recordings(dataset_dir, self.ids)
-        self.net = SoundNet(device)
+        self.net = sound_net(aisfx_band, Path(dataset_dir) / "clips" / f"{self.ids[0]}.mp4", device)
         self.align = AlignmentClassifier.load(align_dir)
         self.real_sound = self.net(self.real, audio_cfg.sample_rate)
         self.objects = self._object_probe(dataset_dir, latents_dir)
@@ -256,7 +267,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: Ev
     sampling = sampling or ckpt.sampling
     checks = settings.checks
     progress("the test set: recordings, their aisfx embeddings, the object probe")
-    tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.clips, device)
+    tests = TestSet(dataset_dir, latents_dir, align_dir, ckpt.audio, settings.clips, device, settings.aisfx_band)
     train = load_latents(latents_dir, "train")
     core = FeaturesToAudio(ckpt, device, settings.batch_size)
     progress(f"the model: {tests.n} clips, {sampling.steps} steps each")
@@ -290,7 +301,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: Ev
             "retrieval_label_match": float(np.mean([a == b for a, b in zip(retrieval_labels, tests.labels)])),
             "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "cfg_power": sampling.cfg_power,
                          "solver": sampling.solver},
-            "audio": asdict(ckpt.audio),
+            "audio": asdict(ckpt.audio), "aisfx_band_rate": tests.net.band_rate,
             "seed": settings.seed, "clip_ids": tests.ids,
             "diagnostics_failures": "; ".join(failures), "waves": waves, "sample_rate": ckpt.audio.sample_rate}
 
@@ -301,7 +312,9 @@ def markdown_table(result: dict) -> str:
     lines = [f"Test split: {result['clips']} clips ({result['clips_with_onsets']} with known onsets); "
              f"{result['sampling']['steps']} {result['sampling'].get('solver', 'dpmsolver++')} steps, "
              f"CFG {result['sampling']['cfg_scale']}, "
-             f"seed {result['seed']}. Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER)) + ".", "",
+             f"seed {result['seed']}; aisfx hears " + (f"every system resampled to the recordings' {rate} Hz"
+                                                        if (rate := result.get("aisfx_band_rate")) else "the full band")
+             + ". Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER)) + ".", "",
              "| system | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, scores in systems.items():
         cells = [f"{scores[m]:.3f}" if isinstance(scores.get(m), float) else "-" for m in metrics]

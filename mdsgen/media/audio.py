@@ -79,15 +79,26 @@ class AudioConfig:
         return self.clip_samples // self.hop_length
 
 
-def load_audio(path, sample_rate: int = 16000) -> np.ndarray:
-    """Decode the first audio stream of any file PyAV reads (audio or video) to mono float32."""
+def _open_with_audio(path) -> av.container.InputContainer:
     try:
         container = av.open(str(path))
     except Exception as err:
         raise MediaError(path, f"cannot be opened as media ({describe(err)})") from err
-    with container:
-        if not container.streams.audio:
-            raise MediaError(path, "has no audio stream")
+    if not container.streams.audio:
+        container.close()
+        raise MediaError(path, "has no audio stream")
+    return container
+
+
+def recorded_rate(path) -> int:
+    """The sample rate the first audio stream was recorded at (the band it can hold is half of it)."""
+    with _open_with_audio(path) as container:
+        return container.streams.audio[0].rate
+
+
+def load_audio(path, sample_rate: int = 16000) -> np.ndarray:
+    """Decode the first audio stream of any file PyAV reads (audio or video) to mono float32."""
+    with _open_with_audio(path) as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         chunks = []
         try:
