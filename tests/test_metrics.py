@@ -72,6 +72,17 @@ def test_sound_net_tells_real_sounds_apart(badger):
     assert shift["band"] < 0.05 * shift["full"], shift
 
 
+def test_metrics_scored_in_another_band_are_not_compared():
+    from mdsgen.evaluation.registry import SCORING_TAG, scoring, scoring_mismatch
+
+    band, full = scoring({"aisfx_band_rate": 16000}), scoring({"aisfx_band_rate": None})
+    assert band == "aisfx at 16000 Hz" and full == "aisfx full band"
+    assert scoring_mismatch({SCORING_TAG: band}, {SCORING_TAG: band}) is None
+    assert scoring_mismatch({SCORING_TAG: full}, {}) is None  # a version from before the tag was scored full band
+    reason = scoring_mismatch({SCORING_TAG: band}, {})
+    assert "aisfx at 16000 Hz" in reason and "aisfx full band" in reason and "--force" in reason
+
+
 def test_gate_rule():
     gate = {"frechet_distance": "lower", "onset_f1": "higher"}
     champ = {"frechet_distance": 100.0, "onset_f1": 0.5}

@@ -107,11 +107,11 @@ def test_the_gate_keeps_a_worse_challenger_and_force_overrides(ci_repo, mlflow_s
     client(mlflow_server).set_registered_model_alias("mdsgen", "champion", champion)
 
 
-@pytest.mark.parametrize("flaw", ["fails_diagnostics", "nan_metric"])
+@pytest.mark.parametrize("flaw", ["fails_diagnostics", "nan_metric", "scored_full_band"])
 def test_the_gate_refuses_a_better_looking_challenger_that_fails_diagnostics_or_scores_nan(
         ci_repo, mlflow_server, pipeline_env, tmp_path, flaw):
     """FD and onset F1 better than the champion's, yet the samples are off-distribution (or a gate metric is
-    NaN, neither better nor worse): never promoted."""
+    NaN, neither better nor worse, or scored in another band than the champion's): never promoted."""
     repo, _ = ci_repo
     champion = client(mlflow_server).get_model_version_by_alias("mdsgen", "champion").version
     better = json.loads((repo / "reports/eval-metrics.json").read_text())
@@ -121,8 +121,10 @@ def test_the_gate_refuses_a_better_looking_challenger_that_fails_diagnostics_or_
     if flaw == "fails_diagnostics":
         model["diagnostics_pass"] = 0.0
         better["diagnostics_failures"] = "latent_std_ratio 3.500 outside [0.8, 1.25]"
-    else:
+    elif flaw == "nan_metric":
         model["frechet_distance"] = float("nan")
+    else:
+        better["aisfx_band_rate"] = None
     (tmp_path / "better.json").write_text(json.dumps(better))
     mdsgen = [sys.executable, "-m", "mdsgen"]
     run(mdsgen + ["register", "models/mdsgen", "--evaluation", str(tmp_path / "better.json"), "--out", ""],
@@ -130,7 +132,8 @@ def test_the_gate_refuses_a_better_looking_challenger_that_fails_diagnostics_or_
     proc = run(mdsgen + ["promote", "--out", str(tmp_path / "kept.json")], repo, pipeline_env)
     decision = json.loads((tmp_path / "kept.json").read_text())
     assert not decision["promoted"], decision
-    expected = "latent_std_ratio 3.500" if flaw == "fails_diagnostics" else "frechet_distance is not a number"
+    expected = {"fails_diagnostics": "latent_std_ratio 3.500", "nan_metric": "frechet_distance is not a number",
+                "scored_full_band": "the metrics do not compare"}[flaw]
     assert expected in decision["reason"] and "not promoted" in proc.stdout
     assert client(mlflow_server).get_model_version_by_alias("mdsgen", "champion").version == champion
 

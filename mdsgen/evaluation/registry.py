@@ -15,6 +15,7 @@ from pathlib import Path
 from mdsgen.base import storage
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+SCORING_TAG = "eval.scoring"
 CHECKPOINT_ARTIFACT = "checkpoint"
 MONITORING_DIR = "monitoring"  # the drift reference inside a registered checkpoint
 REQUIREMENTS = ("torch", "diffusers", "librosa", "av", "safetensors", "soundfile", "efficientnet-lite-pytorch",
@@ -62,6 +63,7 @@ def register(checkpoint_uri: str, evaluation: dict, name: str, run_id: str | Non
     version = str(info.registered_model_version)
     version_tags = {**metrics, "model_config": json.dumps(config["model"]),
                     "frame_encoder": json.dumps(config["frame_encoder"]), "eval.clips": str(evaluation.get("clips")),
+                    SCORING_TAG: scoring(evaluation),
                     **(tags or {})}
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -76,6 +78,22 @@ def _version(client, name: str, alias: str):
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def scoring(evaluation: dict) -> str:
+    """How aisfx heard the evaluation: metrics scored one way do not compare with metrics scored another."""
+    rate = evaluation.get("aisfx_band_rate")
+    return f"aisfx at {rate} Hz" if rate else "aisfx full band"
+
+
+def scoring_mismatch(challenger_tags: dict, champion_tags: dict) -> str | None:
+    """Why two versions' metrics cannot be compared, or None. A version without the tag was scored full band
+    (every evaluation before `evaluate.aisfx_band`)."""
+    ours, theirs = (tags.get(SCORING_TAG, "aisfx full band") for tags in (challenger_tags, champion_tags))
+    if ours == theirs:
+        return None
+    return (f"the challenger was scored with {ours}, the champion with {theirs}: the metrics do not compare; "
+            "evaluate both the same way (evaluate.aisfx_band) or promote with --force")
 
 
 def gate_decision(challenger: dict, champion: dict | None, gate: dict) -> tuple[bool, str]:
@@ -129,6 +147,8 @@ def promote(name: str, gate: dict, force: bool = False) -> dict:
         promoted = False
         reason = ("fails the evaluation diagnostics: " + challenger.tags.get("eval.diagnostics_failures", "")
                   if "eval.diagnostics_pass" in challenger.tags else "has no evaluation diagnostics")
+    elif champion is not None and (mismatch := scoring_mismatch(challenger.tags, champion.tags)):
+        promoted, reason = False, mismatch
     else:
         promoted, reason = gate_decision(_gate_values(challenger, gate),
                                          _gate_values(champion, gate) if champion else None, gate)
