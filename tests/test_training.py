@@ -174,12 +174,13 @@ def test_two_ddp_processes_follow_the_single_process_trajectory(workdir, mlflow_
     assert a[6] < a[1]  # and it is learning, not standing still
     wa, wb = weights(workdir, "single"), weights(workdir, "two")
     # Adan normalises each update, so a weight whose gradient is near zero turns float-order noise into up
-    # to a step (lr 2e-3): the largest difference measured 4.1e-4, 1.0e-5 and once (CI-like run) 1.06e-3,
-    # while the losses agreed to 1e-7. So the test bounds how many weights moved apart, not the largest:
-    # 0.03% of them by more than a twentieth of a step in that run; the same run on other batches (no time
-    # roll) moved 91% of them that far
-    apart = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa]) > 1e-4
-    assert apart.float().mean().item() < 0.01, f"{apart.sum().item()} of {apart.numel()} weights differ by > 1e-4"
+    # to a step or two (lr 2e-3), and how many weights that touches depends on the CPU's kernels: apart by
+    # more than a twentieth of a step, 0.03% of the weights on an AVX-512 machine, 7.2% on an AVX2 one
+    # (largest difference 4.5e-3), while the losses agreed to 1e-4. So the test bounds the share apart by
+    # more than half a step: 0.53% on the AVX2 machine, against 51.5% for the same run on other batches
+    # (no time roll; 91% of them apart by a twentieth of a step)
+    apart = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa]) > 1e-3
+    assert apart.float().mean().item() < 0.05, f"{apart.sum().item()} of {apart.numel()} weights differ by > 1e-3"
 
 
 def test_the_run_logs_params_environment_and_samples(workdir, mlflow_server):
