@@ -24,6 +24,7 @@ import torch
 
 from mdsgen.base.errors import MediaError, describe
 from mdsgen.base.precision import PRECISIONS
+from mdsgen.media.video import open_media
 
 MEL_SCALES = ("paper", "log")
 VOCODERS = ("griffin-lim", "hifigan")
@@ -79,26 +80,15 @@ class AudioConfig:
         return self.clip_samples // self.hop_length
 
 
-def _open_with_audio(path) -> av.container.InputContainer:
-    try:
-        container = av.open(str(path))
-    except Exception as err:
-        raise MediaError(path, f"cannot be opened as media ({describe(err)})") from err
-    if not container.streams.audio:
-        container.close()
-        raise MediaError(path, "has no audio stream")
-    return container
-
-
 def recorded_rate(path) -> int:
     """The sample rate the first audio stream was recorded at (the band it can hold is half of it)."""
-    with _open_with_audio(path) as container:
+    with open_media(path, "audio") as container:
         return container.streams.audio[0].rate
 
 
 def load_audio(path, sample_rate: int = 16000) -> np.ndarray:
     """Decode the first audio stream of any file PyAV reads (audio or video) to mono float32."""
-    with _open_with_audio(path) as container:
+    with open_media(path, "audio") as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         chunks = []
         try:

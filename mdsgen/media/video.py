@@ -114,7 +114,9 @@ def _to_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
     return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
-def _open_video(path) -> av.container.InputContainer:
+def open_media(path, stream: str = "video") -> av.container.InputContainer:
+    """Open `path` with PyAV, refusing with the reason a file that is missing, empty, unreadable or lacks a
+    `stream` ("video" or "audio") stream."""
     if not Path(path).is_file():
         raise MediaError(path, "no such file")
     if Path(path).stat().st_size == 0:
@@ -122,16 +124,17 @@ def _open_video(path) -> av.container.InputContainer:
     try:
         container = av.open(str(path))
     except Exception as err:
-        raise MediaError(path, f"cannot be opened as a video ({describe(err)})") from err
-    if not container.streams.video:
+        kind = "a video" if stream == "video" else "media"
+        raise MediaError(path, f"cannot be opened as {kind} ({describe(err)})") from err
+    if not getattr(container.streams, stream):
         container.close()
-        raise MediaError(path, "has no video stream")
+        raise MediaError(path, f"has no {stream} stream")
     return container
 
 
 def is_still(path) -> bool:
     """Whether the file at `path` is a picture rather than a video (only its header is read)."""
-    with _open_video(path) as container:
+    with open_media(path) as container:
         return is_still_image(container)
 
 
@@ -139,7 +142,7 @@ def read_video_windows(path, cfg: VideoConfig = VideoConfig(), clip_seconds: flo
                        limits: ReadLimits = ReadLimits(), still_seconds: float | None = None) -> VideoWindows:
     """Decode `path` once and cut it into the windows the denoiser conditions on, within `limits`.
     A still image is a scene of `still_seconds` (default: one window) showing it."""
-    container = _open_video(path)
+    container = open_media(path)
     still = is_still_image(container)
     grid: list[np.ndarray] = []
     end_time = 0.0
@@ -226,7 +229,7 @@ def mux_audio(video_path, wave: np.ndarray, sample_rate: int, out_stem) -> Path:
     The audio starts at the first video frame, as the windows do. Packets of both streams are
     interleaved by time. The file appears under its name only when complete.
     """
-    with _open_video(video_path) as source:
+    with open_media(video_path) as source:
         if is_still_image(source):
             return _still_with_audio(video_path, next(source.decode(video=0)), wave, sample_rate, out_stem)
         in_video = source.streams.video[0]
@@ -286,7 +289,7 @@ def trim_video(path, start: float, duration: float | None, out_path, limits: Rea
     tmp = out_path.with_name(f".{out_path.stem}.partial.mp4")
     end = math.inf if duration is None else start + duration
     try:
-        with _open_video(path) as container, av.open(str(tmp), "w") as sink:
+        with open_media(path) as container, av.open(str(tmp), "w") as sink:
             if is_still_image(container):
                 raise MediaError(path, "a picture has no time to trim: give its sound a duration instead")
             stream = container.streams.video[0]
