@@ -191,8 +191,8 @@ def lowpass(wave: torch.Tensor, cutoff_hz: float, sample_rate: int) -> torch.Ten
     """Remove every frequency above `cutoff_hz` (a brick wall over the whole clip: one FFT, exact).
 
     Why: the universal HiFi-GAN invents a faint hiss above its mel's top band (8 kHz), where 16 kHz
-    training audio has nothing (REPORT.md 5o: energy share above 8 kHz 7.5e-4 against the data's 3.5e-5),
-    and aisfx's FD and class agreement answer to it. 0, or a cut-off at or above Nyquist, leaves the wave."""
+    training audio has nothing (REPORT.md 5p: energy share above 8 kHz 7.5e-4 against the data's 3.5e-5).
+    0, or a cut-off at or above Nyquist, leaves the wave."""
     if not 0 < cutoff_hz < sample_rate / 2:
         return wave
     spectrum = torch.fft.rfft(wave, dim=-1)
