@@ -2,9 +2,11 @@
 real recordings (class agreement, Frechet distance). Whatever the generator learns, it cannot sound better
 than its codec, so this decides the mel format, the VAE shape and the vocoder.
 
-    python benchmarks/codec.py data/dataset --vae models/vae [--vae other/vae ...] [--clips 24] [--out FILE]
+    python benchmarks/codec.py data/dataset --vae models/vae [--vae other/vae ...] [--vocoder models/vocoder]
+                               [--clips 24] [--out FILE]
 
 Rows: the configured mel through its vocoder alone, and through each VAE then the vocoder; with
+`--vocoder` (the train_vocoder stage's folder), the mel through the fine-tuned HiFi-GAN as well; with
 `--paper`, Griffin-Lim on the paper's mel as well. Each VAE must have been trained on the configured mel
 format (its latent shape follows the mel).
 """
@@ -27,6 +29,7 @@ from mdsgen.data.dataset import read_metadata  # noqa: E402
 from mdsgen.evaluation.evaluate import sound_net  # noqa: E402
 from mdsgen.evaluation.metrics import audio_scores  # noqa: E402
 from mdsgen.media.audio import AudioConfig, fit_length, load_audio, vocode, wave_to_mel  # noqa: E402
+from mdsgen.media.vocoder import load_vocoder_dir  # noqa: E402
 from mdsgen.model.vae import load_vae  # noqa: E402
 
 
@@ -37,13 +40,13 @@ def real_clips(dataset_dir: Path, cfg: AudioConfig, clips: int) -> list[np.ndarr
 
 
 @torch.inference_mode()
-def through(waves: list[np.ndarray], cfg: AudioConfig, vae=None, batch: int = 8) -> list[np.ndarray]:
+def through(waves: list[np.ndarray], cfg: AudioConfig, vae=None, batch: int = 8, generator=None) -> list[np.ndarray]:
     out = []
     for i in range(0, len(waves), batch):
         mel = wave_to_mel(np.stack(waves[i:i + batch]), cfg)
         if vae is not None:
             mel = vae.decode(vae.encode(mel))
-        out.extend(vocode(mel, cfg).numpy())
+        out.extend(vocode(mel, cfg, generator).numpy())
     return out
 
 
@@ -51,6 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--vae", action="append", default=[], help="a trained VAE folder (repeatable)")
+    parser.add_argument("--vocoder", help="a train_vocoder folder: add its fine-tuned HiFi-GAN's row")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--clips", type=int, default=24)
     parser.add_argument("--paper", action="store_true", help="add Griffin-Lim on the paper's mel")
@@ -77,6 +81,13 @@ def main() -> int:
         shape = tuple(vae.encode(wave_to_mel(real[0], cfg)[None]).shape[1:])
         start = time.perf_counter()
         score(f"{cfg.mel_scale} mel, VAE {folder} (latent {shape}), {cfg.vocoder}", through(real, cfg, vae),
+              cfg.sample_rate, time.perf_counter() - start)
+    if args.vocoder:
+        generator = load_vocoder_dir(args.vocoder)
+        if generator is None:
+            parser.error(f"--vocoder {args.vocoder}: no fine-tuned generator there (vocoder_train.steps was 0)")
+        start = time.perf_counter()
+        score(f"{cfg.mel_scale} mel, {cfg.vocoder} fine-tuned ({args.vocoder})", through(real, cfg, generator=generator),
               cfg.sample_rate, time.perf_counter() - start)
     if args.paper:
         paper = replace(AudioConfig(), griffin_lim_iters=cfg.griffin_lim_iters)

@@ -76,8 +76,21 @@ def train_align(params: str, dataset: Input[Dataset], features: Input[Dataset], 
     log_numbers(json.load(open(out)), metrics)
 
 
-def train(params: str, latents: Input[Dataset], vae: Input[Model], num_gpus: int, mlflow_tracking_uri: str,
-          train_state: str, model: Output[Model], metrics: Output[Metrics]) -> str:
+def train_vocoder(params: str, dataset: Input[Dataset], vocoder: Output[Model], metrics: Output[Metrics]):
+    import json
+    import os
+    import tempfile
+
+    from mdsgen.cli import run_stage
+    from mdsgen.cli.common import log_numbers
+
+    out = os.path.join(tempfile.mkdtemp(), "vocoder-metrics.json")
+    run_stage(["train-vocoder", dataset.path, "--out", vocoder.path, "--metrics", out], params)
+    log_numbers(json.load(open(out)), metrics)
+
+
+def train(params: str, latents: Input[Dataset], vae: Input[Model], vocoder: Input[Model], num_gpus: int,
+          mlflow_tracking_uri: str, train_state: str, model: Output[Model], metrics: Output[Metrics]) -> str:
     """The denoiser; with num_gpus > 1 (and that many visible) torchrun runs one DDP process per GPU in this
     pod. Returns the MLflow run id, so evaluation and registration log into the same run.
 
@@ -101,7 +114,7 @@ def train(params: str, latents: Input[Dataset], vae: Input[Model], num_gpus: int
     if not train_state:
         print("train_state is empty: the training state lives in this pod only; a restarted pod starts over")
     processes = num_gpus if num_gpus > 1 and torch.cuda.device_count() >= num_gpus else 1
-    run_stage(["train", latents.path, "--vae", vae.path, "--out", model.path, "--state",
+    run_stage(["train", latents.path, "--vae", vae.path, "--vocoder", vocoder.path, "--out", model.path, "--state",
                train_state or os.path.join(work, "state"), "--metrics", os.path.join(work, "train-metrics.json")],
               params, processes=processes)
     return log_numbers(json.load(open(os.path.join(work, "train-metrics.json"))), metrics)["mlflow_run_id"]
@@ -159,7 +172,7 @@ def register(params: str, model: Input[Model], evaluation: Input[Dataset], refer
     return str(result["champion"])
 
 
-STAGES = (resolve_params, dataset, features, train_vae, encode, train_align, train, evaluate, reference,
+STAGES = (resolve_params, dataset, features, train_vae, encode, train_align, train_vocoder, train, evaluate, reference,
           register)
 
 

@@ -25,6 +25,7 @@ from mdsgen.serving.server import ServingConfig
 from mdsgen.training.ablations import AblationConfig
 from mdsgen.training.train import TrainConfig
 from mdsgen.training.vae_train import VAETrainConfig
+from mdsgen.training.vocoder_train import VocoderTrainConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    vocoder_train: VocoderTrainConfig = field(default_factory=VocoderTrainConfig)
     model: dict = field(default_factory=lambda: {"size": "T"})       # size + MDSGenConfig overrides
     vae: VAESettings = field(default_factory=VAESettings)
     frame_encoder: dict = field(default_factory=lambda: {"name": "efficientnet-lite0"})  # build_frame_encoder's spec

@@ -64,11 +64,13 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
                               vae=vae.outputs["vae"])
         align = c["train_align"](params=params.output, dataset=data.outputs["dataset"],
                                  features=feats.outputs["features"])
-        for task in (params, data, feats, vae, latents, align):
+        vocoder = c["train_vocoder"](params=params.output, dataset=data.outputs["dataset"])
+        for task in (params, data, feats, vae, latents, align, vocoder):
             task.set_caching_options(True)      # extraction: same inputs, same outputs
 
         train = with_secrets(c["train"](params=params.output, latents=latents.outputs["latents"],
-                                        vae=vae.outputs["vae"], num_gpus=num_gpus,
+                                        vae=vae.outputs["vae"], vocoder=vocoder.outputs["vocoder"],
+                                        num_gpus=num_gpus,
                                         mlflow_tracking_uri=mlflow_tracking_uri, train_state=train_state))
         train.set_caching_options(False).set_display_name("train (GPU)")
         train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(num_gpus)

@@ -49,13 +49,14 @@ def upstream(tasks, name):
 def test_every_stage_is_a_task_in_order(compiled):
     spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == set(ORDER) | {"train-align", "reference"}
+    assert set(tasks) == set(ORDER) | {"train-align", "train-vocoder", "reference"}
     for i, name in enumerate(ORDER[1:], start=1):
         assert set(ORDER[:i]) <= upstream(tasks, name) | {name}, name
     assert {"train-align", "train"} <= upstream(tasks, "evaluate") and "evaluate" in upstream(tasks, "register")
+    assert upstream(tasks, "train-vocoder") == {"resolve-params", "dataset"} and "train-vocoder" in upstream(tasks, "train")
     assert {"train", "encode"} <= upstream(tasks, "reference") and "reference" in upstream(tasks, "register")
     caching = {name: t.get("cachingOptions", {}).get("enableCache", False) for name, t in tasks.items()}
-    assert all(caching[n] for n in ("dataset", "features", "train-vae", "encode", "train-align"))
+    assert all(caching[n] for n in ("dataset", "features", "train-vae", "encode", "train-align", "train-vocoder"))
     assert not any(caching[n] for n in ("train", "evaluate", "register"))
     for executor in spec["deploymentSpec"]["executors"].values():
         assert executor["container"]["image"] == "registry.example/mdsgen:1.2.3-cuda"

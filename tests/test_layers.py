@@ -95,7 +95,8 @@ def run_blocked(code: str) -> subprocess.CompletedProcess:
 # what each DVC stage runs (cli/ and config.py are the shell around it; params.yaml is tracked as params)
 STAGE_ENTRIES = {"dataset": {"data/dataset"}, "features": {"data/features"},
                  "train_vae": {"training/vae_train", "model/vae"}, "encode": {"data/features", "model/vae"},
-                 "train_align": {"evaluation/align"}, "train": {"training/train"},
+                 "train_align": {"evaluation/align"}, "train_vocoder": {"training/vocoder_train"},
+                 "train": {"training/train"},
                  "evaluate": {"evaluation/evaluate"}, "reference": {"serving/monitoring"},
                  "register": {"evaluation/registry"}}
 

@@ -214,6 +214,10 @@ def test_bad_training_settings_are_named(workdir, tmp_path):
     params.write_text(yaml.safe_dump({"model": SMALL_MODEL, "video": eight_fps, "train": {"steps": 4, "batch_size": 8}}))
     proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "bad", params)], workdir, check=False)
     assert proc.returncode == 2 and "32 frames per clip, video.frames_per_window is 64" in proc.stderr
+    params.write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": {"steps": 4, "batch_size": 8}}))
+    proc = run([sys.executable, "-m", "mdsgen", *train_cmd(workdir, "bad", params), "--vocoder", str(tmp_path / "nowhere")],
+               workdir, check=False)
+    assert proc.returncode == 2 and "nowhere: no train-vocoder folder there" in proc.stderr
 
 
 def test_the_kubeflow_train_task_resumes_from_its_volume_after_a_kill(workdir, mlflow_server):
@@ -232,7 +236,7 @@ class Metrics:
 
 folder = lambda path: types.SimpleNamespace(path=path)
 components.train(params=open({str(params)!r}).read(), latents=folder({str(workdir / "latents")!r}),
-                 vae=folder({str(workdir / "vae")!r}), num_gpus=1, mlflow_tracking_uri={mlflow_server!r},
+                 vae=folder({str(workdir / "vae")!r}), vocoder=folder({str(workdir)!r}), num_gpus=1, mlflow_tracking_uri={mlflow_server!r},
                  train_state={str(state)!r}, model=folder({str(model)!r}), metrics=Metrics())
 """
     env = env_for(mlflow_server)

@@ -26,6 +26,22 @@ def cmd_train_vae(args) -> int:
     return 0
 
 
+def cmd_train_vocoder(args) -> int:
+    from mdsgen.config import load_params
+    from mdsgen.training.vocoder_train import train_vocoder
+
+    p = load_params(args.params)
+    metrics = train_vocoder(storage.local_input(args.dataset), args.out, p.vocoder_train, p.audio,
+                            on_step=step_progress(p.vocoder_train.steps, "train-vocoder"))
+    write_json(args.metrics, metrics)
+    if metrics["fine_tuned"]:
+        print(f"fine-tuned HiFi-GAN saved to {args.out}: held-out mel L1 {metrics['val_mel_l1']:.4f} "
+              f"(stock {metrics['val_mel_l1_stock']:.4f})")
+    else:
+        print(f"vocoder_train.steps is 0: checkpoints keep the stock vocoder ({args.out} holds no weights)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from mdsgen.config import load_params
     from mdsgen.training.train import train
@@ -35,7 +51,8 @@ def cmd_train(args) -> int:
         p = replace(p, train=replace(p.train, steps=args.steps))
     metrics = train(p, storage.local_input(args.latents), storage.local_input(args.vae), args.out, args.state,
                     device=args.device,
-                    on_step=step_progress(p.train.steps, "train") if os.environ.get("RANK", "0") == "0" else None)
+                    on_step=step_progress(p.train.steps, "train") if os.environ.get("RANK", "0") == "0" else None,
+                    vocoder_dir=storage.local_input(args.vocoder) if args.vocoder else None)
     if metrics:  # rank 0 of a torchrun job, or a single process
         write_json(args.metrics, metrics)
         print(f"trained {metrics['steps']} steps (loss {metrics['first_loss']} -> {metrics['final_loss']}); "
@@ -71,10 +88,18 @@ def add_commands(sub, params: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", default="reports/vae-metrics.json")
     p.set_defaults(func=cmd_train_vae)
 
+    p = sub.add_parser("train-vocoder", help="fine-tune HiFi-GAN on the training audio (vocoder_train.steps: 0 "
+                                              "keeps the stock weights)", parents=[params])
+    p.add_argument("dataset", nargs="?", default=DATASET_DIR)
+    p.add_argument("--out", default="models/vocoder")
+    p.add_argument("--metrics", default="reports/vocoder-metrics.json")
+    p.set_defaults(func=cmd_train_vocoder)
+
     p = sub.add_parser("train", help="train the denoiser on the latent cache (resumes; torchrun for DDP)",
                        parents=[params])
     p.add_argument("latents", nargs="?", default="data/latents")
     p.add_argument("--vae", default="models/vae")
+    p.add_argument("--vocoder", help="the train-vocoder folder: its fine-tuned HiFi-GAN goes into the checkpoint")
     p.add_argument("--out", default="models/mdsgen", help="the final checkpoint (EMA weights)")
     p.add_argument("--state", default="runs/train-state", help="resumable training state")
     p.add_argument("--metrics", default="reports/train-metrics.json")

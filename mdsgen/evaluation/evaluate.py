@@ -286,7 +286,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: Ev
     else:
         real_mels = wave_to_mel(np.stack(tests.real), ckpt.audio)
         waves["vocoder_only"] = [w for part in real_mels.split(settings.batch_size)
-                                 for w in vocode(part.to(device), ckpt.audio).cpu().numpy()]
+                                 for w in vocode(part.to(device), ckpt.audio, ckpt.vocoder).cpu().numpy()]
     nearest = nearest_training_clips(tests.features, train["features"])
     waves["retrieval"] = core.waves(train["latents"][nearest]).numpy()
     waves["real_audio"] = tests.real

@@ -58,7 +58,7 @@ class FeaturesToAudio:
     @torch.inference_mode()
     def waves(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode and vocode `batch_size` windows at a time: a long video's memory stays bounded."""
-        return torch.cat([vocode(self.ckpt.vae.decode(z.to(self.device)).float(), self.ckpt.audio).cpu()
+        return torch.cat([vocode(self.ckpt.vae.decode(z.to(self.device)).float(), self.ckpt.audio, self.ckpt.vocoder).cpu()
                           for z in latents.split(self.batch_size)])
 
     def batch(self, features: list[torch.Tensor], durations: list[float], seeds: list[int], sampling: SamplingConfig,

@@ -175,13 +175,15 @@ def mel_to_linear(mel: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     return torch.matmul(inverse.to(mel.device), unscale_mel(mel, cfg.mel_scale)).clamp_min(0.0)
 
 
-def vocode(mel: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
-    """Mel [..., n_mels, frames] in [0, 1] -> waveform [..., frames * hop] with the configured vocoder."""
+def vocode(mel: torch.Tensor | np.ndarray, cfg: AudioConfig = AudioConfig(),
+           generator: torch.nn.Module | None = None) -> torch.Tensor:
+    """Mel [..., n_mels, frames] in [0, 1] -> waveform [..., frames * hop] with the configured vocoder
+    (HiFi-GAN: `generator`, a checkpoint's fine-tuned one, else the stock weights)."""
     if cfg.vocoder == "hifigan":
         from mdsgen.media.vocoder import hifigan
 
         mel = torch.as_tensor(mel, dtype=torch.float32)
-        wave = hifigan(mel.reshape(-1, *mel.shape[-2:]), cfg).reshape(*mel.shape[:-2], -1)
+        wave = hifigan(mel.reshape(-1, *mel.shape[-2:]), cfg, generator).reshape(*mel.shape[:-2], -1)
     else:
         wave = griffin_lim(mel, cfg)
     return lowpass(wave, cfg.lowpass_hz, cfg.sample_rate)

@@ -3,6 +3,7 @@
     config.json          model, frame encoder, audio, video and sampling settings
     model.safetensors    denoiser weights
     vae/                 the mel VAE as a diffusers folder (safetensors) + mdsgen.json
+    vocoder.safetensors  optional: HiFi-GAN fine-tuned on the training audio (else the stock weights)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mdsgen.base import storage
 from mdsgen.base.errors import CheckpointError, describe
 from mdsgen.media.audio import AudioConfig
 from mdsgen.media.video import VideoConfig
+from mdsgen.media.vocoder import FINE_TUNED, load_vocoder_dir, save_generator
 from mdsgen.model.diffusion import SamplingConfig
 from mdsgen.model.network import MDSGen, MDSGenConfig
 from mdsgen.model.vae import MelVAE, load_vae
@@ -34,6 +36,7 @@ class Checkpoint:
     audio: AudioConfig = field(default_factory=AudioConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    vocoder: torch.nn.Module | None = None  # a fine-tuned HiFi-GAN generator; None: the stock weights
 
     def config(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "model": self.model.config.to_dict(),
@@ -47,6 +50,8 @@ def save_checkpoint(ckpt: Checkpoint, uri: str) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
         save_file(state, str(Path(tmp, "model.safetensors")))
         ckpt.vae.save(str(Path(tmp, "vae")))
+        if ckpt.vocoder is not None:
+            save_generator(ckpt.vocoder, Path(tmp, FINE_TUNED))
         storage.upload_dir(tmp, uri)
 
 
@@ -87,7 +92,19 @@ def load_checkpoint(uri: str, device: str = "cpu") -> Checkpoint:
         vae = load_vae(str(folder / "vae"))
     except Exception as err:
         raise CheckpointError(f"{uri}: the VAE in vae/ cannot be loaded ({describe(err)})") from err
-    return Checkpoint(model=model.to(device).eval(), vae=vae.to(device), **settings)
+    vocoder = _fine_tuned_vocoder(folder, settings["audio"], uri, device)
+    return Checkpoint(model=model.to(device).eval(), vae=vae.to(device), vocoder=vocoder, **settings)
+
+
+def _fine_tuned_vocoder(folder: Path, audio: AudioConfig, uri: str, device: str) -> torch.nn.Module | None:
+    if (folder / FINE_TUNED).exists() and audio.vocoder != "hifigan":
+        raise CheckpointError(f"{uri}: holds a fine-tuned HiFi-GAN ({FINE_TUNED}) but its audio.vocoder is "
+                              f"{audio.vocoder!r}")
+    try:
+        return load_vocoder_dir(folder, device)
+    except Exception as err:  # a damaged file or weights of another network
+        raise CheckpointError(f"{uri}: vocoder.safetensors is not a HiFi-GAN generator's weights "
+                              f"({describe(err)})") from err
 
 
 def init_checkpoint(params, seed: int = 0) -> Checkpoint:

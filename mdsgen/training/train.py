@@ -314,7 +314,7 @@ def log_samples(ckpt, val: dict, step: int, clips: int, device: str) -> None:
     core = FeaturesToAudio(ckpt, device)
     generated = core.mels(core.latents(val["features"][:clips], ckpt.sampling, seed=0))
     truth = core.mels(val["latents"][:clips])
-    waves = vocode(generated, ckpt.audio)
+    waves = vocode(generated, ckpt.audio, ckpt.vocoder)
     with tempfile.TemporaryDirectory() as tmp:
         ids = val["clip_ids"][:clips]
         mel_grid([(cid, [(g, f"generated, step {step}"), (t, "ground truth (VAE)")])
@@ -325,12 +325,14 @@ def log_samples(ckpt, val: dict, step: int, clips: int, device: str) -> None:
 
 
 def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
-          on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """The `mdsgen train` stage. Returns the metrics it writes (rank 0; other ranks return {})."""
+          on_step: Callable[[int, dict], None] | None = None, vocoder_dir=None) -> dict:
+    """The `mdsgen train` stage. Returns the metrics it writes (rank 0; other ranks return {}). The checkpoint
+    carries the train_vocoder stage's generator from `vocoder_dir` where it fine-tuned one."""
     import mlflow
 
     from mdsgen.data.features import load_latents
     from mdsgen.evaluation import tracking
+    from mdsgen.media.vocoder import load_vocoder_dir
     from mdsgen.model.checkpoint import init_checkpoint
 
     cfg: TrainConfig = params.train
@@ -340,6 +342,10 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
     val = load_latents(latents_dir, "val") if (Path(latents_dir) / "val.safetensors").is_file() else None
     params = replace(params, vae=replace(params.vae, path=str(vae_dir)))
     ckpt = init_checkpoint(params, seed=cfg.seed)
+    if vocoder_dir is not None:
+        if not Path(vocoder_dir).is_dir():
+            raise ValueError(f"{vocoder_dir}: no train-vocoder folder there (run `mdsgen train-vocoder`)")
+        ckpt = replace(ckpt, vocoder=load_vocoder_dir(vocoder_dir))
     if ckpt.model.config.feature_dim != data["features"].shape[-1]:
         raise ValueError(f"{latents_dir}: features are {data['features'].shape[-1]}-d, the configured frame "
                          f"encoder gives {ckpt.model.config.feature_dim}-d (re-run the features stage)")
