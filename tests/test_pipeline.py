@@ -41,6 +41,8 @@ def test_evaluation_scores_every_system(ci_repo):
     assert all(f"| {name} |" in table for name in SYSTEMS)
     # aisfx hears every system in the band of the dataset's 16 kHz recordings, and the table says so
     assert result["aisfx_band_rate"] == 16000 and "recordings' 16000 Hz" in table
+    # which vocoder rendered every row (the ci profile: Griffin-Lim, nothing fine-tuned)
+    assert result["vocoder"] == "griffin-lim" and "vocoder griffin-lim;" in table
     for name in ("metrics.png", "mels.png"):
         assert (repo / "reports/eval" / name).stat().st_size > 5000
 

@@ -302,6 +302,7 @@ def evaluate(ckpt: Checkpoint, dataset_dir, latents_dir, align_dir, settings: Ev
             "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "cfg_power": sampling.cfg_power,
                          "solver": sampling.solver},
             "audio": asdict(ckpt.audio), "aisfx_band_rate": tests.net.band_rate,
+            "vocoder": f"{ckpt.audio.vocoder}, fine-tuned" if ckpt.vocoder is not None else ckpt.audio.vocoder,
             "seed": settings.seed, "clip_ids": tests.ids,
             "diagnostics_failures": "; ".join(failures), "waves": waves, "sample_rate": ckpt.audio.sample_rate}
 
@@ -312,7 +313,7 @@ def markdown_table(result: dict) -> str:
     lines = [f"Test split: {result['clips']} clips ({result['clips_with_onsets']} with known onsets); "
              f"{result['sampling']['steps']} {result['sampling'].get('solver', 'dpmsolver++')} steps, "
              f"CFG {result['sampling']['cfg_scale']}, "
-             f"seed {result['seed']}; aisfx hears " + (f"every system resampled to the recordings' {rate} Hz"
+             f"seed {result['seed']}; vocoder {result.get('vocoder', result['audio']['vocoder'])}; aisfx hears " + (f"every system resampled to the recordings' {rate} Hz"
                                                         if (rate := result.get("aisfx_band_rate")) else "the full band")
              + ". Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER)) + ".", "",
              "| system | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
