@@ -313,8 +313,9 @@ def markdown_table(result: dict) -> str:
     lines = [f"Test split: {result['clips']} clips ({result['clips_with_onsets']} with known onsets); "
              f"{result['sampling']['steps']} {result['sampling'].get('solver', 'dpmsolver++')} steps, "
              f"CFG {result['sampling']['cfg_scale']}, "
-             f"seed {result['seed']}; vocoder {result.get('vocoder', result['audio']['vocoder'])}; aisfx hears " + (f"every system resampled to the recordings' {rate} Hz"
-                                                        if (rate := result.get("aisfx_band_rate")) else "the full band")
+             f"seed {result['seed']}; " + (f"vocoder {vocoder}; " if (vocoder := result.get("vocoder")) else "")
+             + "aisfx hears " + (f"every system resampled to the recordings' {rate} Hz"
+                                 if (rate := result.get("aisfx_band_rate")) else "the full band")
              + ". Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER)) + ".", "",
              "| system | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, scores in systems.items():
