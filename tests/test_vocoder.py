@@ -64,8 +64,11 @@ def test_a_fine_tuned_vocoder_beside_griffin_lim_is_refused(tmp_path):
     save_checkpoint(replace(init_checkpoint(Params()), vocoder=load_generator("cpu")), str(tmp_path / "ckpt"))
     with pytest.raises(CheckpointError, match="fine-tuned HiFi-GAN .* its audio.vocoder is 'griffin-lim'"):
         load_checkpoint(str(tmp_path / "ckpt"))
+    (tmp_path / "vocoder").mkdir()
+    (tmp_path / "vocoder" / "vocoder.safetensors").write_bytes(b"an earlier run's weights")
     with pytest.raises(ValueError, match="only HiFi-GAN is fine-tuned, audio.vocoder is 'griffin-lim'"):
         train_vocoder(tmp_path / "no-dataset", tmp_path / "vocoder", VocoderTrainConfig(steps=5), AudioConfig())
+    assert (tmp_path / "vocoder" / "vocoder.safetensors").read_bytes() == b"an earlier run's weights"  # kept
 
 
 def test_zero_steps_keep_the_stock_vocoder(tmp_path):

@@ -113,14 +113,14 @@ def held_out_mel_l1(generator: torch.nn.Module, segments: torch.Tensor, audio_cf
 def train_vocoder(dataset_dir, out_dir, cfg: VocoderTrainConfig, audio_cfg: AudioConfig, on_step=None) -> dict:
     """The `train_vocoder` stage: `out_dir` gets the fine-tuned generator (nothing with `steps: 0`: the
     checkpoint then keeps the stock weights) and the metrics, held-out mel L1 of stock and fine-tuned included."""
+    if cfg.steps and audio_cfg.vocoder != "hifigan":  # refused before the folder's last weights are removed
+        raise ValueError(f"vocoder_train.steps {cfg.steps}: only HiFi-GAN is fine-tuned, audio.vocoder is "
+                         f"{audio_cfg.vocoder!r} (set vocoder_train.steps: 0)")
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if cfg.steps == 0:
         metrics = {"steps": 0, "fine_tuned": False}
-    elif audio_cfg.vocoder != "hifigan":
-        raise ValueError(f"vocoder_train.steps {cfg.steps}: only HiFi-GAN is fine-tuned, audio.vocoder is "
-                         f"{audio_cfg.vocoder!r} (set vocoder_train.steps: 0)")
     else:
         generator, metrics = fine_tune_vocoder(split_audio(dataset_dir, "train", audio_cfg), cfg, audio_cfg, on_step)
         val = sound_segments(split_audio(dataset_dir, "val", audio_cfg), cfg.segment_samples, cfg.min_rms,
