@@ -17,7 +17,8 @@ from mdsgen.evaluation.tracking import TrackingConfig
 from mdsgen.media.audio import AudioConfig
 from mdsgen.media.video import ReadLimits, VideoConfig
 from mdsgen.model.diffusion import SamplingConfig
-from mdsgen.model.network import MDSGenConfig
+from mdsgen.model.encoders import FrameEncoderSpec
+from mdsgen.model.network import ModelSettings
 from mdsgen.model.vae import VAESettings
 from mdsgen.serving.app import AppConfig
 from mdsgen.serving.monitoring import MonitoringConfig
@@ -38,9 +39,9 @@ class Params:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
     vocoder_train: VocoderTrainConfig = field(default_factory=VocoderTrainConfig)
-    model: dict = field(default_factory=lambda: {"size": "T"})       # size + MDSGenConfig overrides
+    model: ModelSettings = field(default_factory=ModelSettings)
     vae: VAESettings = field(default_factory=VAESettings)
-    frame_encoder: dict = field(default_factory=lambda: {"name": "efficientnet-lite0"})  # build_frame_encoder's spec
+    frame_encoder: FrameEncoderSpec = field(default_factory=FrameEncoderSpec)
     features: FeatureExtraction = field(default_factory=FeatureExtraction)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -57,21 +58,11 @@ def _typed(cls, values: dict | None, section: str):
     return cls(**(values or {}))
 
 
-def _free_section(defaults: dict, values: dict | None, section: str, known: set[str]) -> dict:
-    """A section whose keys go on to another function's keyword arguments: refused unless in `known`."""
-    refuse_unknown_keys(values or {}, known, section)
-    return dict(defaults, **(values or {}))
-
-
-MODEL_KEYS = {"size"} | {f.name for f in fields(MDSGenConfig)}
-FRAME_ENCODER_KEYS = {"name", "weights"}
-
-
 def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(yaml.safe_load(Path(path).read_text()) or {})
 
 
-FREE_SECTIONS = {"model", "frame_encoder", "evaluate", "profile"}  # parsed by hand below
+FREE_SECTIONS = {"model", "evaluate", "profile"}  # parsed by their own rules below
 
 
 def parse_params(raw: dict) -> Params:
@@ -81,9 +72,7 @@ def parse_params(raw: dict) -> Params:
     return Params(
         **typed,
         profile=raw.get("profile", "default"),
-        model=_free_section(Params().model, raw.get("model"), "model", MODEL_KEYS),
-        frame_encoder=_free_section({}, raw.get("frame_encoder") or Params().frame_encoder, "frame_encoder",
-                                    FRAME_ENCODER_KEYS),
+        model=ModelSettings.from_params(raw.get("model")),
         evaluate=EvaluateConfig.from_params(raw.get("evaluate")),
     )
 

@@ -21,6 +21,7 @@ from mdsgen.data.dataset import (DatasetConfig, detect_onsets, import_vggsound, 
                             stamp_recording, stamp_sources)
 from mdsgen.config import load_params
 from mdsgen.data.features import extract_features, load_latents, load_npz, save_latents
+from mdsgen.model.encoders import FrameEncoderSpec
 from mdsgen.model.vae import load_vae
 
 # --- dataset --------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def test_features_are_deterministic_and_incremental(tmp_path, ci_repo):
     from mdsgen.data.dataset import write_metadata
 
     write_metadata(mini, rows)
-    spec = {"name": "efficientnet-lite0"}
+    spec = FrameEncoderSpec("efficientnet-lite0")
     first = extract_features(mini, tmp_path / "f", spec, workers=1)
     assert first == {"computed": 3, "reused": 0, "removed": 0, "failed": []}
     for row in rows:  # the same numbers as the pipeline's own run

@@ -258,15 +258,16 @@ def test_the_model_takes_the_frames_a_window_holds(tmp_path):
     from mdsgen.config import Params
     from mdsgen.media.video import VideoConfig
     from mdsgen.model.checkpoint import init_checkpoint
+    from mdsgen.model.network import ModelSettings
 
-    small = {"size": "T", "hidden_size": 32, "depth": 4, "num_heads": 2, "decoder_depth": 2}
+    small = ModelSettings.from_params({"size": "T", "hidden_size": 32, "depth": 4, "num_heads": 2, "decoder_depth": 2})
     eight_fps = replace(Params(), video=VideoConfig(fps=8.0, frames_per_window=64, hop_frames=56), model=small)
     model = init_checkpoint(eight_fps).model
     assert model.config.num_frames == 64
     x = torch.randn(1, model.config.in_channels, *model.config.input_size)
     assert model(x, torch.tensor([500]), torch.randn(1, 64, model.config.feature_dim)).shape == x.shape
     with pytest.raises(ValueError, match="model.num_frames 32 differs from video.frames_per_window 64"):
-        init_checkpoint(replace(eight_fps, model={**small, "num_frames": 32}))
+        init_checkpoint(replace(eight_fps, model=small.with_values(num_frames=32)))
 
     # a checkpoint whose model and video settings disagree is refused when loaded, not at its first request
     from mdsgen.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -34,11 +34,11 @@ def cmd_init_checkpoint(args) -> int:
 
     params = load_params(args.params)
     if args.size:
-        params = replace(params, model={**params.model, "size": args.size})
+        params = replace(params, model=params.model.with_values(size=args.size))
     if args.vae:
         params = replace(params, vae=replace(params.vae, path=args.vae))
     save_checkpoint(init_checkpoint(params, seed=args.seed), args.output)
-    print(f"untrained checkpoint ({params.model['size']}) written to {args.output}")
+    print(f"untrained checkpoint ({params.model.size}) written to {args.output}")
     return 0
 
 

@@ -22,6 +22,7 @@ from mdsgen.base.errors import MediaError
 from mdsgen.data.dataset import read_metadata
 from mdsgen.media.audio import AudioConfig, fit_length, load_audio, wave_to_mel
 from mdsgen.media.video import VideoConfig, frames_to_tensor, read_video_windows
+from mdsgen.model.encoders import FrameEncoderSpec, build_frame_encoder
 
 INDEX = "index.json"
 
@@ -70,8 +71,6 @@ _worker = {}
 
 
 def _init_worker(encoder_spec, audio_cfg, video_cfg):
-    from mdsgen.model.encoders import build_frame_encoder
-
     torch.set_num_threads(1)
     _worker.update(encoder=build_frame_encoder(encoder_spec), audio=audio_cfg, video=video_cfg)
 
@@ -86,7 +85,7 @@ def _extract_job(job):
     return clip_id, fingerprint, None
 
 
-def extract_features(dataset_dir, out_dir, encoder_spec: dict, audio_cfg: AudioConfig = AudioConfig(),
+def extract_features(dataset_dir, out_dir, encoder_spec: FrameEncoderSpec, audio_cfg: AudioConfig = AudioConfig(),
                      video_cfg: VideoConfig = VideoConfig(), workers: int = 2) -> dict:
     """Bring `out_dir` up to date with the dataset; returns counts of computed, reused, removed, failed."""
     from multiprocessing import get_context
@@ -94,7 +93,7 @@ def extract_features(dataset_dir, out_dir, encoder_spec: dict, audio_cfg: AudioC
     dataset_dir, out = Path(dataset_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_metadata(dataset_dir)
-    settings = json.dumps([encoder_spec, audio_cfg.mel_settings(), asdict(video_cfg)], sort_keys=True)
+    settings = json.dumps([encoder_spec.as_dict(), audio_cfg.mel_settings(), asdict(video_cfg)], sort_keys=True)
     index_path = out / INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     wanted = {r["clip_id"] for r in rows}

@@ -62,7 +62,9 @@ def flat_params(params) -> dict:
     out = {}
     for section in ("audio", "video", "sampling", "train", "model", "vae", "frame_encoder", "mlflow"):
         values = getattr(params, section, None)
-        values = asdict(values) if is_dataclass(values) else (values or {})
+        # model and frame_encoder: the keys params.yaml sets, as it writes them
+        values = values.as_dict() if hasattr(values, "as_dict") else asdict(values) if is_dataclass(values) \
+            else (values or {})
         for key, value in values.items():
             out[f"{section}.{key}"] = str(value)[:500]
     out["profile"] = params.profile

@@ -113,8 +113,7 @@ def init_checkpoint(params, seed: int = 0) -> Checkpoint:
     from mdsgen.model.encoders import build_frame_encoder
     from mdsgen.model.network import config_for
 
-    model_args = dict(params.model)
-    size = model_args.pop("size")
+    size, model_args = params.model.size, dict(params.model.overrides)
     encoder = build_frame_encoder(params.frame_encoder)
     if params.vae.path:
         vae = load_vae(params.vae.path, params.vae.decode_channel)

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -169,13 +171,27 @@ def load_state_dict(uri: str) -> dict:
                 "convert it to safetensors where it came from") from err
 
 
-def build_frame_encoder(spec: dict | str) -> FrameEncoder:
-    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name = spec.pop("name")
-    if name == EfficientNetLite0Encoder.name:
+@dataclass(frozen=True)
+class FrameEncoderSpec:
+    """params.yaml `frame_encoder`: the network that turns frames into features, and its weights (cavp)."""
+    name: str = EfficientNetLite0Encoder.name
+    weights: str | None = None
+
+    def as_dict(self) -> dict:
+        """As a checkpoint records it (`FrameEncoder.spec`): no weights key for a network that has none."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def build_frame_encoder(spec: FrameEncoderSpec | dict | str) -> FrameEncoder:
+    """From params.yaml's spec, the dict a checkpoint recorded, or a bare name."""
+    if isinstance(spec, str):
+        spec = FrameEncoderSpec(spec)
+    elif isinstance(spec, dict):
+        spec = FrameEncoderSpec(spec["name"], spec.get("weights"))
+    if spec.name == EfficientNetLite0Encoder.name:
         return EfficientNetLite0Encoder()
-    if name == CAVPEncoder.name:
-        if not spec.get("weights"):
+    if spec.name == CAVPEncoder.name:
+        if not spec.weights:
             raise CheckpointError("the cavp frame encoder needs weights: a local path or s3:// URI")
-        return CAVPEncoder(spec["weights"])
-    raise ValueError(f"unknown frame encoder {name!r}: use efficientnet-lite0 or cavp")
+        return CAVPEncoder(spec.weights)
+    raise ValueError(f"unknown frame encoder {spec.name!r}: use efficientnet-lite0 or cavp")

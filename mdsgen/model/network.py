@@ -22,12 +22,14 @@ the Stable Diffusion layout: 4 x 16 x 64, freq x time) is time.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mdsgen.base.errors import refuse_unknown_keys
 
 
 CONDITIONINGS = ("reducer", "cross_attention")
@@ -431,3 +433,24 @@ def config_for(size: str, **overrides) -> MDSGenConfig:
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}: use one of {', '.join(SIZES)}")
     return MDSGenConfig(**{**SIZES[size], **overrides})
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """params.yaml `model`: a size (SIZES) and the MDSGenConfig fields set on top of it; the fields left out
+    follow the size, the VAE's latent grid and the video (checkpoint.init_checkpoint)."""
+    size: str = "T"
+    overrides: tuple[tuple[str, object], ...] = ()   # (field, value) pairs, in params.yaml's order
+
+    @classmethod
+    def from_params(cls, values: dict | None) -> ModelSettings:
+        values = dict(values or {})
+        refuse_unknown_keys(values, {"size"} | {f.name for f in fields(MDSGenConfig)}, "model")
+        return cls(values.pop("size", cls.size), tuple(values.items()))
+
+    def with_values(self, **values) -> ModelSettings:
+        """These settings with some fields (or the size) set anew."""
+        return ModelSettings.from_params({**self.as_dict(), **values})
+
+    def as_dict(self) -> dict:
+        return {"size": self.size, **dict(self.overrides)}

@@ -106,7 +106,7 @@ def arm_params(params, arm: str, seed: int, settings: AblationConfig):
     schedule of `ablations`, the seed for initialisation, data order and noise."""
     train = replace(params.train, steps=settings.steps, batch_size=settings.batch_size, seed=seed,
                     checkpoint_every=settings.steps, log_every=min(10, settings.steps), sample_every=0, sample_clips=2)
-    return replace(params, model={**params.model, **BASE_MODEL, **TRAINED_ARMS[arm]}, train=train,
+    return replace(params, model=params.model.with_values(**{**BASE_MODEL, **TRAINED_ARMS[arm]}), train=train,
                    mlflow=replace(params.mlflow, experiment=settings.experiment))
 
 

@@ -375,7 +375,7 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
         if run_id and not tracking.run_exists(run_id):
             print(f"MLflow run {run_id} of the saved state is not in this store; logging to a new run")
             run_id = None
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"train-{params.model['size']}")
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"train-{params.model.size}")
         if run_id is None:
             mlflow.log_params(tracking.flat_params(params))
             mlflow.log_dict(tracking.environment(), "environment.json")
