@@ -12,6 +12,11 @@ export DVC_NO_ANALYTICS := 1
 # DVC stages call `mdsgen`: the venv's bin comes first on PATH
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+# Tests run on two pytest-xdist workers; the ci pipeline's tests stay on one (tests/conftest.py).
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
 .PHONY: setup demo demo-serve test test-fast clean
 setup: $(STAMP)
 
@@ -62,11 +67,11 @@ demo-serve: setup
 	*) echo "MLflow UI:  mlflow ui --backend-store-uri $$store  (then open http://127.0.0.1:5000)";; esac
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # The unit tier, for the inner loop: no pipeline run, no servers, no training to a bar
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 clean:
 	rm -rf runs outputs .pytest_cache

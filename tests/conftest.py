@@ -9,16 +9,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import BIN, ROOT, free_port, run, stop_group, wait_http  # noqa: E402
-torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+# pytest-xdist workers (`make test` runs two) share the cores: one worker's matmuls should not spin on another's
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(4, torch.get_num_threads() // WORKERS)))
 
 # The fast tier (`make test-fast`) leaves out what starts the ci pipeline, MLflow or Triton, or trains to a bar
 SLOW_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server", "server", "generated", "traffic", "app"}
+# Session fixtures that cost minutes and that every user must see in one state: the ci pipeline's run and the
+# MLflow server it logged to. Their tests form one xdist group (one worker), so they are built once.
+PIPELINE_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__ == "test_learning":
+        used = set(item.fixturenames)
+        if SLOW_FIXTURES & used or item.module.__name__ == "test_learning":
             item.add_marker(pytest.mark.slow)
+        # `--dist loadgroup`: the pipeline's tests together; every other test with its module, whose
+        # module-scoped fixtures (a Triton server, an app) then start once
+        item.add_marker(pytest.mark.xdist_group("pipeline" if PIPELINE_FIXTURES & used else item.module.__name__))
+
+
+def pytest_collection_finish(session):
+    """xdist groups by a suffix it writes into each node id; a pytest whose node ids ignore it (9.2 with
+    xdist 3.8) would spread the groups silently and build the ci pipeline on every worker."""
+    if session.config.getoption("loadgroup", False) and not all("@" in item.nodeid for item in session.items):
+        raise pytest.UsageError("pytest-xdist did not group the tests (--dist loadgroup): use the pytest "
+                                "version pyproject.toml's test extra pins, or TEST_WORKERS=0")
 
 
 @pytest.fixture(scope="session")
