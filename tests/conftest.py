@@ -15,9 +15,9 @@ torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 
 # The fast tier (`make test-fast`) leaves out what starts the ci pipeline, MLflow or Triton, or trains to a bar
 SLOW_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server", "server", "generated", "traffic", "app"}
-# Session fixtures that cost minutes and that every user must see in one state: the ci pipeline's run and the
-# MLflow server it logged to. Their tests form one xdist group (one worker), so they are built once.
-PIPELINE_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server"}
+# The ci pipeline's run (minutes; its tests also read the MLflow server it logged to): its tests form one xdist
+# group, so it is built once. A test that needs only an MLflow server gets its worker's own.
+PIPELINE_FIXTURES = {"ci_repo"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
