@@ -72,6 +72,25 @@ def test_a_quiet_server_flushes_its_records_and_the_queue_is_bounded_by_bytes(s3
     assert recorder.queued_bytes == 0 and len(read_records(f"{s3_server}/quiet")) == 1
 
 
+def test_onset_rate_ignores_a_frame_of_length_and_sees_more_onsets():
+    """Reference clips are a latent window long, served videos a frame shorter: equal onset counts must not
+    read as drift (before rounding every ci request drifted on this column), while more onsets still show."""
+    import numpy as np
+    from mdsgen.serving.monitoring import output_summary
+
+    rate = 16000
+
+    def clicks(count: int, samples: int) -> np.ndarray:
+        wave = np.zeros(samples, np.float32)
+        for start in np.linspace(rate // 2, samples - rate, count).astype(int):
+            wave[start:start + 800] = np.sin(np.arange(800) / 3) * np.exp(-np.arange(800) / 200)
+        return wave
+
+    window, served = output_summary(clicks(3, 131072), rate), output_summary(clicks(3, 131000), rate)
+    assert window["onset_rate_hz"] == served["onset_rate_hz"] > 0
+    assert output_summary(clicks(6, 131072), rate)["onset_rate_hz"] > window["onset_rate_hz"]
+
+
 def test_since_accepts_durations_and_times():
     from mdsgen.serving.monitoring import parse_since
 
