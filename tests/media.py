@@ -71,7 +71,7 @@ def rotate_mp4(path, out_path) -> Path:
     return Path(out_path)
 
 
-def darken(source, path, factor: float = 0.15) -> Path:
+def darken(source, path, factor: float = 0.05) -> Path:
     """A copy of `source`'s video stream with every frame's brightness scaled by `factor` (no sound)."""
     path = Path(path)
     with av.open(str(source)) as src, av.open(str(path), "w") as out:

@@ -125,11 +125,6 @@ def traffic(ci_repo, pipeline_env, tmp_path_factory):
     return root / "fresh" / "clips", dark
 
 
-# A ci model (4 training steps) barely listens to its video, so its outputs drift weakly: dark traffic drifted
-# 4 and 5 of 12 columns in two runs (0.33, 0.42), under the product's 0.5 alert; the test alerts at 3 of 12.
-ALERT_SHARE = "0.25"
-
-
 def send_and_monitor(repo, env, state, records, videos, work, since: str) -> tuple:
     """Send every video through the client to the running server, then `mdsgen monitor` the records since
     `since` (one server serves both kinds of traffic, one after the other)."""
@@ -139,8 +134,8 @@ def send_and_monitor(repo, env, state, records, videos, work, since: str) -> tup
             "--concurrency", "4"], repo, env)
     count = len(list(videos.glob("*.mp4")))
     assert len(wait_for_records(str(records), count, parse_since(since), timeout=30)) == count  # one per request
-    proc = mdsgen(["monitor", "--log", str(records), "--out", str(work / "report"), "--since", since,
-                   "--threshold", ALERT_SHARE], repo, env, check=False)
+    proc = mdsgen(["monitor", "--log", str(records), "--out", str(work / "report"), "--since", since], repo, env,
+                 check=False)
     return proc, json.loads((work / "report" / "summary.json").read_text())
 
 
@@ -160,6 +155,11 @@ def test_the_registered_model_carries_its_reference(ci_repo, pipeline_env):
     assert (registered / REFERENCE_FILE).read_text().splitlines() == rows
 
 
+# The product's alert (half the columns) with a margin measured on both sides. Frames at 5% brightness move every
+# input summary and most output ones: 10 and 9 of 12 columns on traffic seeds 1 and 2, against an alert at 6;
+# fresh traffic drifted on 1 of 12 on both (feature_pc1: the 16 reference clips are the ones the summarizer was
+# fitted on, so their spread along it is wider). At 15% brightness the frame encoder's features hardly moved:
+# 1 of 12 columns, as for fresh traffic, and the test passed or failed on spurious columns.
 def test_same_distribution_raises_no_drift_and_dark_videos_do(ci_repo, pipeline_env, traffic, tmp_path):
     from mlflow import MlflowClient
 
