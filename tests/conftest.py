@@ -9,9 +9,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import BIN, ROOT, free_port, run, stop_group, wait_http  # noqa: E402
-# Each xdist worker keeps the thread count of the subprocesses it compares with (the server, `mdsgen generate`):
-# a worker at 1 thread against servers at 2 broke test_serving's same-seed equalities (1e-4)
-torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+# xdist workers split the cores, and so do the servers and stages they start (OMP_NUM_THREADS): two workers at 2
+# threads on 2 cores took test_learning 3x as long, and a worker at 1 thread against a server at 2 broke
+# test_serving's same-seed equalities (1e-4), which hold at one thread count
+THREADS = max(1, min(4, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 # The fast tier (`make test-fast`) leaves out what starts the ci pipeline, MLflow or Triton, or trains to a bar
 SLOW_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server", "server", "generated", "traffic", "app"}
