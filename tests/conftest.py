@@ -1,3 +1,5 @@
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -19,8 +21,9 @@ torch.set_num_threads(THREADS)
 
 # The fast tier (`make test-fast`) leaves out what starts the ci pipeline, MLflow or Triton, or trains to a bar
 SLOW_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server", "server", "generated", "traffic", "app"}
-# The ci pipeline's run (minutes; its tests also read the MLflow server it logged to): its tests form one xdist
-# group, so it is built once. A test that needs only an MLflow server gets its worker's own.
+# The ci pipeline's run (minutes) and the MLflow server it logged to are built once per run and shared by every
+# xdist worker. Its tests that move the champion or write into the repo run one after another (group
+# "pipeline"); those marked `reads_pipeline` only read it and run beside them (group "pipeline-readers").
 PIPELINE_FIXTURES = {"ci_repo"}
 
 
@@ -32,7 +35,44 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         # `--dist loadgroup`: the pipeline's tests together; every other test with its module, whose
         # module-scoped fixtures (a Triton server, an app) then start once
-        item.add_marker(pytest.mark.xdist_group("pipeline" if PIPELINE_FIXTURES & used else item.module.__name__))
+        if PIPELINE_FIXTURES & used:
+            group = "pipeline-readers" if item.get_closest_marker("reads_pipeline") else "pipeline"
+        else:
+            group = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+    # xdist hands out groups in the order they first appear: the pipeline's builder and writers first, on one
+    # worker, its readers last, to the worker that frees up first (the repo is built by then)
+    rank = {"pipeline": 0, "pipeline-readers": 2}
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], 1))
+
+
+def run_folder(tmp_path_factory) -> Path:
+    """The folder every process of this test run shares: xdist puts each worker's basetemp one level down."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+@contextlib.contextmanager
+def once_per_run(folder: Path):
+    """Held by one process at a time; yields whether `folder` still has to be built (no `done` file in it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait here while one builds
+        try:
+            yield not (folder / "done").exists()
+            (folder / "done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def pytest_sessionfinish(session):
+    """The process that ran the session (xdist's controller, or pytest itself without workers) stops the shared
+    MLflow server once every worker is done with it."""
+    if hasattr(session.config, "workerinput"):
+        return
+    pid_file = session.config._tmp_path_factory.getbasetemp() / "mlflow" / "pid"
+    if pid_file.exists():
+        stop_group(int(pid_file.read_text()))
 
 
 def pytest_collection_finish(session):
@@ -116,23 +156,24 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1:
-    one worker, job execution off, its own process group so stopping it stops every worker."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", process)
-        yield url
-    finally:
-        stop_group(process)
-        log.close()
+    """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1, one for the whole run:
+    the first worker to ask starts it (one gunicorn worker, job execution off, its own process group), the
+    others read its address; `pytest_sessionfinish` stops it."""
+    root = run_folder(tmp_path_factory) / "mlflow"
+    with once_per_run(root) as first:
+        if first:
+            port = free_port()
+            env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+            with open(root / "server.log", "w") as log:
+                process = subprocess.Popen(
+                    [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                     "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port",
+                     str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+            (root / "pid").write_text(str(process.pid))
+            wait_http(f"http://127.0.0.1:{port}/health", process)
+            (root / "url").write_text(f"http://127.0.0.1:{port}")
+    return (root / "url").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -146,16 +187,28 @@ def pipeline_env(mlflow_server):
 @pytest.fixture(scope="session")
 def ci_repo(tmp_path_factory, pipeline_env):
     """A copy of the project (its tracked files) as a fresh git repo, `dvc repro` of the whole pipeline run
-    on the ci profile against the MLflow server."""
-    repo = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    run(["git", "init", "-q"], repo)
-    run([sys.executable, "-m", "mdsgen", "params", "use", "ci"], repo, pipeline_env)
-    proc = run(["dvc", "repro"], repo, pipeline_env)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "ci pipeline"], repo, pipeline_env)
-    return repo, proc.stdout
+    on the ci profile against the MLflow server: built by the first worker to ask, shared by all."""
+    root = run_folder(tmp_path_factory) / "pipeline"
+    repo = root / "repo"
+    with once_per_run(root) as first:
+        if first:
+            files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
+            for name in files:
+                if (ROOT / name).is_file():
+                    (repo / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / name, repo / name)
+            run(["git", "init", "-q"], repo)
+            run([sys.executable, "-m", "mdsgen", "params", "use", "ci"], repo, pipeline_env)
+            (root / "repro.log").write_text(run(["dvc", "repro"], repo, pipeline_env).stdout)
+            run(["git", "add", "-A"], repo)
+            run(["git", "commit", "-qm", "ci pipeline"], repo, pipeline_env)
+    return repo, (root / "repro.log").read_text()
+
+
+@pytest.fixture
+def own_ci_repo(ci_repo, tmp_path):
+    """A copy of the built ci repo (git, DVC cache and training state included) for a test that changes it."""
+    repo, output = ci_repo
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    return copy, output

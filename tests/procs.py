@@ -40,15 +40,34 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None
     raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
-def stop_group(process: subprocess.Popen) -> None:
-    """Stop a server started with start_new_session=True, workers included."""
+def stop_group(process: subprocess.Popen | int) -> None:
+    """Stop a server started with start_new_session=True, workers included (a Popen, or the pid of one
+    another process started)."""
+    pid = process if isinstance(process, int) else process.pid
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
+        os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not isinstance(process, int):
+            if process.poll() is not None:
+                return
+        else:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reaps it where it is this process's child
+            except ChildProcessError:
+                pass
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if not isinstance(process, int):
         process.wait()
 
 

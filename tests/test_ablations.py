@@ -33,6 +33,7 @@ def test_orderings_are_judged_on_means_and_spread():
     assert "Ordering TAM > SAM > none: onset_auc: holds (within spread)." in table
 
 
+@pytest.mark.reads_pipeline
 def test_ablation_sweep_tracks_every_arm_and_seed(ci_repo, pipeline_env, mlflow_server):
     repo, _ = ci_repo
     shutil.rmtree(repo / "reports/ablations", ignore_errors=True)  # the project's own sweep, copied with the repo

@@ -25,6 +25,7 @@ from mdsgen.model.encoders import FrameEncoderSpec
 from mdsgen.model.vae import load_vae
 
 # --- dataset --------------------------------------------------------------------------------------
+@pytest.mark.reads_pipeline
 def test_ci_dataset_layout(ci_repo):
     repo, _ = ci_repo
     rows = read_metadata(repo / "data/dataset")
@@ -43,6 +44,7 @@ def test_ci_dataset_layout(ci_repo):
             assert float(c.streams.video[0].average_rate) >= 16
 
 
+@pytest.mark.reads_pipeline
 def test_onsets_agree_with_the_audio(ci_repo):
     repo, _ = ci_repo
     onsets = json.loads((repo / "data/dataset/onsets.json").read_text())
@@ -58,6 +60,7 @@ def test_onsets_agree_with_the_audio(ci_repo):
     assert errors.max() < 0.1 and np.median(errors) < 0.02 and (errors < 1 / 16).mean() > 0.9, errors
 
 
+@pytest.mark.reads_pipeline
 def test_labels_map_to_their_recordings(ci_repo):
     """The sound at each clip's first onset matches its own label's recording better than the others'."""
     repo, _ = ci_repo
@@ -112,6 +115,7 @@ def test_missing_debian_package_is_named(tmp_path):
         stamp_sources(tmp_path / "no-stamps")
 
 
+@pytest.mark.reads_pipeline
 def test_import_reports_clips_that_do_not_decode(tmp_path, ci_repo, bigbuckbunny):
     repo, _ = ci_repo
     videos = tmp_path / "videos"
@@ -143,6 +147,7 @@ def test_ids_that_are_not_plain_file_names_are_refused(tmp_path):
 
 
 # --- features and latents ---------------------------------------------------------------------------
+@pytest.mark.reads_pipeline
 def test_feature_files(ci_repo):
     repo, _ = ci_repo
     rows = read_metadata(repo / "data/dataset")
@@ -156,6 +161,7 @@ def test_feature_files(ci_repo):
     assert 0 <= arrays["mel"].min() and arrays["mel"].max() <= 1
 
 
+@pytest.mark.reads_pipeline
 def test_features_are_deterministic_and_incremental(tmp_path, ci_repo):
     repo, _ = ci_repo
     mini = tmp_path / "mini"
@@ -183,6 +189,7 @@ def test_features_are_deterministic_and_incremental(tmp_path, ci_repo):
     assert not (tmp_path / "f" / f"{rows[2]['clip_id']}.npz").exists()
 
 
+@pytest.mark.reads_pipeline
 def test_vae_stage_learned_and_latents_match(ci_repo):
     repo, _ = ci_repo
     metrics = json.loads((repo / "reports/vae-metrics.json").read_text())
@@ -221,8 +228,8 @@ def test_latents_files_are_the_same_bytes_on_every_write(tmp_path):
 
 
 # --- DVC --------------------------------------------------------------------------------------------
-def test_changing_a_parameter_reruns_only_what_depends_on_it(ci_repo, pipeline_env):
-    repo, first_run = ci_repo
+def test_changing_a_parameter_reruns_only_what_depends_on_it(own_ci_repo, pipeline_env):
+    repo, first_run = own_ci_repo
     for stage in ("dataset", "features", "train_vae", "encode"):
         assert f"Running stage '{stage}'" in first_run
     status = run(["dvc", "status"], repo, pipeline_env).stdout
@@ -269,6 +276,7 @@ def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
 
 
+@pytest.mark.reads_pipeline
 def test_a_pretrained_vae_replaces_training(ci_repo, tmp_path):
     """With vae.path set (a user's Stable Diffusion VAE, say) the stage adopts and evaluates it."""
     from mdsgen.model.vae import MelVAE, VAESettings, load_vae

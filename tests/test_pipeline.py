@@ -17,12 +17,14 @@ def client(server):
     return mlflow.MlflowClient(tracking_uri=server)
 
 
+@pytest.mark.reads_pipeline
 def test_every_stage_ran(ci_repo):
     _, output = ci_repo
     for stage in ("train_align", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in output
 
 
+@pytest.mark.reads_pipeline
 def test_evaluation_scores_every_system(ci_repo):
     repo, _ = ci_repo
     result = json.loads((repo / "reports/eval-metrics.json").read_text())
@@ -47,6 +49,7 @@ def test_evaluation_scores_every_system(ci_repo):
         assert (repo / "reports/eval" / name).stat().st_size > 5000
 
 
+@pytest.mark.reads_pipeline
 def test_training_and_evaluation_are_in_one_mlflow_run(ci_repo, mlflow_server):
     repo, _ = ci_repo
     run_id = json.loads((repo / "reports/train-metrics.json").read_text())["mlflow_run_id"]
@@ -169,13 +172,11 @@ def test_a_promotion_never_overwrites_a_champion_that_moved_while_it_decided(mlf
     assert registry_client.get_model_version_by_alias(name, "champion").version == versions[1]
 
 
-def test_dvc_exp_run_sweeps_a_parameter(ci_repo, pipeline_env):
-    repo, _ = ci_repo
+def test_dvc_exp_run_sweeps_a_parameter(own_ci_repo, pipeline_env):
+    repo, _ = own_ci_repo
     run(["dvc", "exp", "run", "-S", "train.steps=6", "--name", "longer"], repo, pipeline_env)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, pipeline_env).stdout)
     text = json.dumps(shown)
     assert "longer" in text and "eval-metrics.json" in text
     metrics = json.loads((repo / "reports/train-metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 4  # continued the ci run's state
-    run(["git", "checkout", "--", "."], repo)
-    run(["dvc", "checkout", "--force"], repo, pipeline_env)
