@@ -35,6 +35,7 @@ def tracking_uri(configured: str | None = None) -> str:
 def use_tracking(configured: str | None, experiment: str) -> str:
     """Point mlflow at the store and experiment; returns the experiment id."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(configured)
     mlflow.set_tracking_uri(uri)
@@ -42,7 +43,11 @@ def use_tracking(configured: str | None, experiment: str) -> str:
     if found is None:
         # a local sqlite store keeps its artifacts beside it, not in whatever folder a command ran from
         location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if uri.startswith("sqlite:") else None
-        mlflow.create_experiment(experiment, artifact_location=location)
+        try:
+            mlflow.create_experiment(experiment, artifact_location=location)
+        except MlflowException as error:  # another job against the same server created it meanwhile
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     return mlflow.set_experiment(experiment).experiment_id
 
 
