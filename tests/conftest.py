@@ -22,9 +22,17 @@ torch.set_num_threads(THREADS)
 # The fast tier (`make test-fast`) leaves out what starts the ci pipeline, MLflow or Triton, or trains to a bar
 SLOW_FIXTURES = {"ci_repo", "pipeline_env", "mlflow_server", "server", "generated", "traffic", "app"}
 # The ci pipeline's run (minutes) and the MLflow server it logged to are built once per run and shared by every
-# xdist worker. Its tests that move the champion or write into the repo run one after another (group
-# "pipeline"); those marked `reads_pipeline` only read it and run beside them (group "pipeline-readers").
+# xdist worker; nothing writes into it once built (a test that changes it takes `own_ci_repo`, a copy). Its tests
+# that register models or read the champion run one after another (group "pipeline"); those marked
+# `reads_pipeline` leave the registry alone and run beside them (group "pipeline-readers").
 PIPELINE_FIXTURES = {"ci_repo"}
+
+
+def pytest_configure(config):
+    # xdist hands out the groups with the most tests first unless told not to; the pipeline's must go first
+    # (its build and what follows are the run's longest chain), in the order pytest_collection_modifyitems sets
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
@@ -54,12 +62,19 @@ def run_folder(tmp_path_factory) -> Path:
 
 @contextlib.contextmanager
 def once_per_run(folder: Path):
-    """Held by one process at a time; yields whether `folder` still has to be built (no `done` file in it)."""
+    """Held by one process at a time; yields whether `folder` still has to be built (no `done` file in it).
+    A build that failed is not retried in its half-built folder: the other workers fail with its error."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait here while one builds
         try:
-            yield not (folder / "done").exists()
+            if (folder / "failed").exists():
+                pytest.fail(f"building {folder} failed in another worker: {(folder / 'failed').read_text()}")
+            try:
+                yield not (folder / "done").exists()
+            except BaseException as error:
+                (folder / "failed").write_text(f"{type(error).__name__}: {error}"[:2000])
+                raise
             (folder / "done").touch()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -68,9 +83,10 @@ def once_per_run(folder: Path):
 def pytest_sessionfinish(session):
     """The process that ran the session (xdist's controller, or pytest itself without workers) stops the shared
     MLflow server once every worker is done with it."""
-    if hasattr(session.config, "workerinput"):
+    factory = session.config._tmp_path_factory
+    if hasattr(session.config, "workerinput") or factory._basetemp is None:  # a worker, or no temp folder made
         return
-    pid_file = session.config._tmp_path_factory.getbasetemp() / "mlflow" / "pid"
+    pid_file = factory.getbasetemp() / "mlflow" / "pid"
     if pid_file.exists():
         stop_group(int(pid_file.read_text()))
 
@@ -171,7 +187,11 @@ def mlflow_server(tmp_path_factory):
                      str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True)
             (root / "pid").write_text(str(process.pid))
-            wait_http(f"http://127.0.0.1:{port}/health", process)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", process)
+            except BaseException:
+                stop_group(process)
+                raise
             (root / "url").write_text(f"http://127.0.0.1:{port}")
     return (root / "url").read_text()
 
@@ -207,7 +227,8 @@ def ci_repo(tmp_path_factory, pipeline_env):
 
 @pytest.fixture
 def own_ci_repo(ci_repo, tmp_path):
-    """A copy of the built ci repo (git, DVC cache and training state included) for a test that changes it."""
+    """A copy of the built ci repo (git, DVC cache and training state included) for a test that changes it:
+    nothing writes into the shared repo once it is built, so the copy never races a write."""
     repo, output = ci_repo
     copy = tmp_path / "repo"
     shutil.copytree(repo, copy, symlinks=True)

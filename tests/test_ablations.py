@@ -33,9 +33,9 @@ def test_orderings_are_judged_on_means_and_spread():
     assert "Ordering TAM > SAM > none: onset_auc: holds (within spread)." in table
 
 
-@pytest.mark.reads_pipeline
-def test_ablation_sweep_tracks_every_arm_and_seed(ci_repo, pipeline_env, mlflow_server):
-    repo, _ = ci_repo
+@pytest.mark.reads_pipeline  # on its own copy: it rewrites REPORT.md and reports/ablations
+def test_ablation_sweep_tracks_every_arm_and_seed(own_ci_repo, pipeline_env, mlflow_server):
+    repo, _ = own_ci_repo
     shutil.rmtree(repo / "reports/ablations", ignore_errors=True)  # the project's own sweep, copied with the repo
     (repo / "REPORT.md").write_text(f"# Report\n\nprose before\n\n{BEGIN}\nstale tables\n{END}\n\nprose after\n")
     cmd = [sys.executable, "-m", "mdsgen", "ablate", "--arms", *ARMS, "--seeds", "0", "1", "--steps", "2",

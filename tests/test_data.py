@@ -228,6 +228,7 @@ def test_latents_files_are_the_same_bytes_on_every_write(tmp_path):
 
 
 # --- DVC --------------------------------------------------------------------------------------------
+@pytest.mark.reads_pipeline  # on its own copy
 def test_changing_a_parameter_reruns_only_what_depends_on_it(own_ci_repo, pipeline_env):
     repo, first_run = own_ci_repo
     for stage in ("dataset", "features", "train_vae", "encode"):
@@ -259,8 +260,9 @@ def test_the_features_stage_reads_the_mel_settings_the_code_fingerprints():
     assert others == {"griffin_lim_iters", "griffin_lim_momentum", "vocoder", "vocoder_precision", "lowpass_hz"}
 
 
-def test_push_to_s3_and_pull_into_a_clone(ci_repo, s3_server, tmp_path, pipeline_env):
-    repo, _ = ci_repo
+@pytest.mark.reads_pipeline  # on its own copy
+def test_push_to_s3_and_pull_into_a_clone(own_ci_repo, s3_server, tmp_path, pipeline_env):
+    repo, _ = own_ci_repo
     env = dict(pipeline_env, **{k: os.environ[k] for k in
                                 ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
     run(["dvc", "remote", "add", "-f", "-d", "s3", f"{s3_server}/dvc"], repo, env)
