@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mdsgen.model.diffusion import SamplingConfig, guidance_scale, sample
+from mdsgen.model.diffusion import SamplingConfig, fit_texture, guidance_scale, sample
 from mdsgen.model.network import MDSGen, MDSGenConfig
 
 
@@ -62,6 +62,29 @@ def test_texture_noise_is_the_rolled_start_noise_seeded_and_batch_independent(mo
     assert torch.allclose(alone, textured[1:2], atol=1e-4)
 
 
+def test_a_fitted_texture_shapes_the_noise_per_row(model):
+    # training latents with fine structure in the low rows and none in the top ones (each its own level);
+    # row 8's neighbourhood reaches into row 7's
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.linspace(-1, 1, 16)[:, None].expand(40, 4, 16, 64).clone()
+    latents[:, :, :8] += 0.5 * torch.randn(40, 4, 8, 64, generator=generator)
+    texture = fit_texture(latents)
+    assert texture.shape == (4, 16) and texture.square().mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert texture[:, :8].min() > 1.3 and texture[:, 9:].max() < 1e-5
+    assert torch.equal(fit_texture(torch.zeros(2, 4, 16, 64)), torch.ones(4, 16))  # no fine structure: flat
+
+    f = torch.randn(2, 32, 8)
+    noise = torch.randn(2, 4, 16, 64, generator=torch.Generator().manual_seed(0))
+    flat = sample(model, f, SamplingConfig(steps=5, texture_noise=0.3), noise=noise, texture=texture)
+    fitted = SamplingConfig(steps=5, texture_noise=0.3, texture_shape="fitted")
+    shaped = sample(model, f, fitted, noise=noise, texture=texture)
+    smooth = sample(model, f, SamplingConfig(steps=5, texture_shape="fitted"), noise=noise, texture=texture)
+    assert torch.allclose(shaped - smooth, (flat - smooth) * texture[:, :, None], atol=1e-3)
+    assert torch.allclose(shaped[:, :, 9:], smooth[:, :, 9:], atol=1e-3)  # the smooth rows stay smooth
+    with pytest.raises(ValueError, match="this model has no fitted texture"):
+        sample(model, f, fitted, noise=noise)
+
+
 def test_guidance_interval_guides_only_the_noisy_steps(model):
     f = torch.randn(2, 32, 8)
     noise = torch.randn(2, 4, 16, 64, generator=torch.Generator().manual_seed(0))
@@ -81,6 +104,7 @@ def test_guidance_interval_guides_only_the_noisy_steps(model):
     (dict(cfg_scale=-1.0), "cfg_scale"), (dict(cfg_scale=math.nan), "cfg_scale"),
     (dict(cfg_scale=1e9), "cfg_scale"), (dict(cfg_power=0.0), "cfg_power"),
     (dict(texture_noise=-0.1), "texture_noise"), (dict(texture_noise=math.nan), "texture_noise"),
+    (dict(texture_shape="pink"), "texture_shape"),
     (dict(cfg_min_t=-1), "cfg_min_t"), (dict(cfg_min_t=1001), "cfg_min_t"), (dict(cfg_min_t=0.5), "cfg_min_t"),
 ])
 def test_absurd_sampling_settings_are_refused(values, message):

@@ -180,6 +180,26 @@ def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
     assert a.shape == (3, 4, 16, 64) and np.allclose(a, b, atol=1e-3)
 
 
+def test_the_core_shapes_the_texture_with_the_checkpoint_s(untrained_checkpoint):
+    from dataclasses import replace
+
+    import torch
+
+    from mdsgen.inference.generate import FeaturesToAudio
+    from mdsgen.model.diffusion import SamplingConfig
+
+    core = FeaturesToAudio(str(untrained_checkpoint))
+    features = torch.randn(1, 32, core.ckpt.model.config.feature_dim, generator=torch.Generator().manual_seed(0))
+    textured, smooth = SamplingConfig(steps=2, texture_noise=0.3), SamplingConfig(steps=2)
+    flat = core.latents(features, textured, seed=1)
+    assert not torch.allclose(flat, core.latents(features, smooth, seed=1), atol=1e-2)
+    core.ckpt = replace(core.ckpt, texture=torch.zeros(core.ckpt.model.config.in_channels,
+                                                       core.ckpt.model.config.input_size[0]))
+    assert torch.equal(core.latents(features, textured, seed=1), flat)  # flat: the fitted shape is not used
+    fitted = replace(textured, texture_shape="fitted")
+    assert torch.allclose(core.latents(features, fitted, seed=1), core.latents(features, smooth, seed=1), atol=1e-4)
+
+
 def test_a_video_a_moment_longer_than_one_window_costs_one_window(tmp_path, untrained_checkpoint):
     from mdsgen.inference.generate import VideoToAudio
     from mdsgen.media.video import SILENT_TAIL_SECONDS

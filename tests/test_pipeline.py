@@ -7,6 +7,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mdsgen.config import load_params
 from mdsgen.evaluation.evaluate import SYSTEMS, TABLE_METRICS
@@ -22,6 +23,17 @@ def test_every_stage_ran(ci_repo):
     _, output = ci_repo
     for stage in ("train_align", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in output
+
+
+@pytest.mark.reads_pipeline
+def test_the_trained_checkpoint_carries_the_texture_of_its_training_latents(ci_repo):
+    from mdsgen.data.features import load_latents
+    from mdsgen.model.checkpoint import load_checkpoint
+    from mdsgen.model.diffusion import fit_texture
+
+    repo, _ = ci_repo
+    texture = load_checkpoint(str(repo / "models/mdsgen")).texture
+    assert torch.allclose(texture, fit_texture(load_latents(repo / "data/latents", "train")["latents"]))
 
 
 @pytest.mark.reads_pipeline

@@ -44,7 +44,8 @@ class FeaturesToAudio:
         def progress(batch: int):
             return None if on_step is None else lambda done, steps: on_step(batch * steps + done, steps * len(batches))
 
-        return torch.cat([sample(self.ckpt.model, f.to(self.device), sampling, noise=n, on_step=progress(b))
+        return torch.cat([sample(self.ckpt.model, f.to(self.device), sampling, noise=n,
+                                on_step=progress(b), texture=self.ckpt.texture)
                           for b, (f, n) in enumerate(batches)])
 
     def latents(self, features: torch.Tensor, sampling: SamplingConfig, seed: int) -> torch.Tensor:

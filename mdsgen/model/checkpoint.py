@@ -1,6 +1,6 @@
 """Checkpoints: a folder (local or an S3 prefix) that rebuilds a generator without running code.
 
-    config.json          model, frame encoder, audio, video and sampling settings
+    config.json          model, frame encoder, audio, video and sampling settings; the fitted texture shape
     model.safetensors    denoiser weights
     vae/                 the mel VAE as a diffusers folder (safetensors) + mdsgen.json
     vocoder.safetensors  optional: HiFi-GAN fine-tuned on the training audio (else the stock weights)
@@ -37,11 +37,15 @@ class Checkpoint:
     video: VideoConfig = field(default_factory=VideoConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     vocoder: torch.nn.Module | None = None  # a fine-tuned HiFi-GAN generator; None: the stock weights
+    texture: torch.Tensor | None = None     # [C, H] per-row std of the texture noise (`fit_texture`); None: flat
 
     def config(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "model": self.model.config.to_dict(),
-                "frame_encoder": self.frame_encoder, "audio": asdict(self.audio),
-                "video": asdict(self.video), "sampling": asdict(self.sampling)}
+        config = {"format": FORMAT, "version": VERSION, "model": self.model.config.to_dict(),
+                  "frame_encoder": self.frame_encoder, "audio": asdict(self.audio),
+                  "video": asdict(self.video), "sampling": asdict(self.sampling)}
+        if self.texture is not None:
+            config["texture"] = self.texture.tolist()
+        return config
 
 
 def save_checkpoint(ckpt: Checkpoint, uri: str) -> None:
@@ -93,7 +97,23 @@ def load_checkpoint(uri: str, device: str = "cpu") -> Checkpoint:
     except Exception as err:
         raise CheckpointError(f"{uri}: the VAE in vae/ cannot be loaded ({describe(err)})") from err
     vocoder = _fine_tuned_vocoder(folder, settings["audio"], uri, device)
-    return Checkpoint(model=model.to(device).eval(), vae=vae.to(device), vocoder=vocoder, **settings)
+    texture = _texture(config.get("texture"), model.config, uri)
+    return Checkpoint(model=model.to(device).eval(), vae=vae.to(device), vocoder=vocoder, texture=texture, **settings)
+
+
+def _texture(values, model_config: MDSGenConfig, uri: str) -> torch.Tensor | None:
+    """config.json's texture shape (absent in checkpoints saved before it was fitted: flat noise)."""
+    if values is None:
+        return None
+    rows = (model_config.in_channels, model_config.input_size[0])
+    try:
+        texture = torch.tensor(values, dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{uri}: config.json's texture is not a table of numbers ({err})") from err
+    if tuple(texture.shape) != rows or not (texture.isfinite().all() and (texture >= 0).all()):
+        raise CheckpointError(f"{uri}: config.json's texture must be {rows[0]} x {rows[1]} non-negative numbers "
+                              f"(one per latent channel and row), got shape {tuple(texture.shape)}")
+    return texture
 
 
 def _fine_tuned_vocoder(folder: Path, audio: AudioConfig, uri: str, device: str) -> torch.nn.Module | None:

@@ -21,6 +21,7 @@ from mdsgen.model.network import MDSGen
 
 TRAIN_STEPS = 1000
 SOLVERS = ("dpmsolver++", "ddim")
+TEXTURE_SHAPES = ("flat", "fitted")
 SCHEDULER_PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}  # diffusers' names
 BETA_START, BETA_END = 1e-4, 0.02
 
@@ -32,7 +33,8 @@ class SamplingConfig:
     cfg_power: float = 0.01
     solver_order: int = 2
     solver: str = "dpmsolver++"    # or "ddim"
-    texture_noise: float = 0.0     # std of Gaussian noise left in the sample (see `sample`); 0: none (the paper)
+    texture_noise: float = 0.0     # std of the noise left in the sample (see `add_texture`); 0: none (the paper)
+    texture_shape: str = "flat"    # or "fitted": its std per latent row shaped like the training latents' (REPORT.md 5y)
     cfg_min_t: int = 0             # guidance only at steps t >= this (a guidance interval); below, one conditional pass
 
     def __post_init__(self):
@@ -46,6 +48,8 @@ class SamplingConfig:
             raise ValueError(f"cfg_power {self.cfg_power}: must be positive")
         if not (math.isfinite(self.texture_noise) and 0.0 <= self.texture_noise <= 1.0):
             raise ValueError(f"texture_noise {self.texture_noise}: must be between 0 and 1")
+        if self.texture_shape not in TEXTURE_SHAPES:
+            raise ValueError(f"texture_shape {self.texture_shape!r}: use one of {', '.join(TEXTURE_SHAPES)}")
         if not (isinstance(self.cfg_min_t, int) and 0 <= self.cfg_min_t <= TRAIN_STEPS):
             raise ValueError(f"cfg_min_t {self.cfg_min_t!r}: must be a whole step between 0 and {TRAIN_STEPS}")
 
@@ -155,15 +159,12 @@ def make_scheduler(sampling: SamplingConfig, prediction: str = "epsilon"):
 @torch.no_grad()
 def sample(model: MDSGen, features: torch.Tensor, sampling: SamplingConfig = SamplingConfig(),
            noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[int, int], None] | None = None, texture: torch.Tensor | None = None) -> torch.Tensor:
     """Latents [B, C, H, W] for frame features [B, T, F]; deterministic given the initial noise.
     `on_step(done, total)` is called after each solver step (progress for a user who waits).
 
-    `sampling.texture_noise` leaves Gaussian noise of that std in the sample: the part of a spectrogram no
-    denoiser can predict (the speckle of noisy sounds, the noise floor), which an x0 model trained on MSE
-    returns as its mean, a smooth mel that a vocoder plays as a buzz (REPORT.md 5g). It is the window's own
-    starting noise rolled by half the grid: still i.i.d. Gaussian, far from where each part of the sample
-    grew from, and as seeded and batch-independent as the rest."""
+    `sampling.texture_noise` leaves noise in the sample (`add_texture`); with `texture_shape: fitted` its std per
+    latent row follows `texture` (the checkpoint's, fitted by `train`)."""
     c = model.config
     shape = (features.shape[0], c.in_channels, *c.input_size)
     if noise is None:
@@ -181,10 +182,36 @@ def sample(model: MDSGen, features: torch.Tensor, sampling: SamplingConfig = Sam
         x = scheduler.step(out, t, x).prev_sample
         if on_step is not None:
             on_step(i + 1, len(scheduler.timesteps))
-    if sampling.texture_noise:
-        start = noise.to(x.device, x.dtype)
-        x = x + sampling.texture_noise * start.roll((start.shape[-2] // 2, start.shape[-1] // 2), dims=(-2, -1))
-    return x
+    if sampling.texture_shape == "fitted" and texture is None:
+        raise ValueError("texture_shape 'fitted': this model has no fitted texture (trained before `train` fitted "
+                         "one); use texture_shape 'flat'")
+    return add_texture(x, noise, sampling.texture_noise, texture if sampling.texture_shape == "fitted" else None)
+
+
+def add_texture(x: torch.Tensor, noise: torch.Tensor, level: float, texture: torch.Tensor | None = None) -> torch.Tensor:
+    """The sample `x` plus noise of std `level`: the part of a spectrogram no denoiser can predict (the speckle
+    of noisy sounds, the noise floor), which an x0 model trained on MSE returns as its mean, a smooth mel that
+    a vocoder plays as a buzz (REPORT.md 5g). The noise is the window's own starting noise rolled by half the
+    grid: still i.i.d. Gaussian, far from where each part of the sample grew from, and as seeded and
+    batch-independent as the rest. `texture` [C, H] (`fit_texture`, RMS 1) shapes its std per latent row as
+    the training latents' fine structure is shaped (REPORT.md 5y); None: the same std in every row."""
+    if not level:
+        return x
+    start = noise.to(x.device, x.dtype).roll((noise.shape[-2] // 2, noise.shape[-1] // 2), dims=(-2, -1))
+    if texture is not None:
+        start = start * texture.to(x.device, x.dtype)[:, :, None]
+    return x + level * start
+
+
+def fit_texture(latents: torch.Tensor) -> torch.Tensor:
+    """The per-row shape [C, H] of the training latents' fine structure: the std of each row's residual from its
+    3 x 5 neighbourhood mean, scaled to RMS 1 (so `texture_noise` stays the overall std). On the demo's mels
+    the top mel bins, which are smooth, get half the noise of the low ones."""
+    x = latents.float()
+    local_mean = torch.nn.functional.avg_pool2d(x, (3, 5), stride=1, padding=(1, 2), count_include_pad=False)
+    spread = (x - local_mean).std(dim=(0, 3))
+    rms = spread.square().mean().sqrt()
+    return spread / rms if rms > 0 else torch.ones_like(spread)
 
 
 @torch.no_grad()

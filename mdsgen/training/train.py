@@ -28,7 +28,7 @@ from adan_pytorch import Adan
 from safetensors.torch import load_file, save_file
 
 from mdsgen.base.precision import PRECISIONS, autocast
-from mdsgen.model.diffusion import draw_training_noise, training_loss
+from mdsgen.model.diffusion import draw_training_noise, fit_texture, training_loss
 from mdsgen.model.network import MDSGen
 
 
@@ -341,7 +341,7 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
     data = load_latents(latents_dir, "train")
     val = load_latents(latents_dir, "val") if (Path(latents_dir) / "val.safetensors").is_file() else None
     params = replace(params, vae=replace(params.vae, path=str(vae_dir)))
-    ckpt = init_checkpoint(params, seed=cfg.seed)
+    ckpt = replace(init_checkpoint(params, seed=cfg.seed), texture=fit_texture(data["latents"]))
     if vocoder_dir is not None:
         if not Path(vocoder_dir).is_dir():
             raise ValueError(f"{vocoder_dir}: no train-vocoder folder there (run `mdsgen train-vocoder`)")
