@@ -302,3 +302,8 @@ def test_the_checkpoint_carries_its_texture_shape_and_refuses_a_wrong_one(tmp_pa
         config_path.write_text(json.dumps(dict(config, texture=bad)))
         with pytest.raises(CheckpointError, match="texture"):
             load_checkpoint(str(tmp_path / "shaped"))
+    del config["texture"]
+    config["sampling"]["texture_shape"] = "fitted"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="asks for the fitted texture shape and config.json has none"):
+        load_checkpoint(str(tmp_path / "shaped"))

@@ -98,6 +98,9 @@ def load_checkpoint(uri: str, device: str = "cpu") -> Checkpoint:
         raise CheckpointError(f"{uri}: the VAE in vae/ cannot be loaded ({describe(err)})") from err
     vocoder = _fine_tuned_vocoder(folder, settings["audio"], uri, device)
     texture = _texture(config.get("texture"), model.config, uri)
+    if texture is None and settings["sampling"].texture_shape == "fitted":
+        raise CheckpointError(f"{uri}: its sampling asks for the fitted texture shape and config.json has none "
+                              "(a model trained before `train` fitted it: set sampling.texture_shape to flat)")
     return Checkpoint(model=model.to(device).eval(), vae=vae.to(device), vocoder=vocoder, texture=texture, **settings)
 
 

@@ -165,6 +165,9 @@ def sample(model: MDSGen, features: torch.Tensor, sampling: SamplingConfig = Sam
 
     `sampling.texture_noise` leaves noise in the sample (`add_texture`); with `texture_shape: fitted` its std per
     latent row follows `texture` (the checkpoint's, fitted by `train`)."""
+    if sampling.texture_shape == "fitted" and texture is None:
+        raise ValueError("texture_shape 'fitted': this model has no fitted texture (trained before `train` fitted "
+                         "one); use texture_shape 'flat'")
     c = model.config
     shape = (features.shape[0], c.in_channels, *c.input_size)
     if noise is None:
@@ -182,9 +185,6 @@ def sample(model: MDSGen, features: torch.Tensor, sampling: SamplingConfig = Sam
         x = scheduler.step(out, t, x).prev_sample
         if on_step is not None:
             on_step(i + 1, len(scheduler.timesteps))
-    if sampling.texture_shape == "fitted" and texture is None:
-        raise ValueError("texture_shape 'fitted': this model has no fitted texture (trained before `train` fitted "
-                         "one); use texture_shape 'flat'")
     return add_texture(x, noise, sampling.texture_noise, texture if sampling.texture_shape == "fitted" else None)
 
 
