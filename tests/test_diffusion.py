@@ -69,9 +69,11 @@ def test_a_fitted_texture_shapes_the_noise_per_row(model):
     latents = torch.linspace(-1, 1, 16)[:, None].expand(40, 4, 16, 64).clone()
     latents[:, :, :8] += 0.5 * torch.randn(40, 4, 8, 64, generator=generator)
     texture = fit_texture(latents)
-    assert texture.shape == (4, 16) and texture.square().mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert texture.shape == (4, 16, 1) and texture.square().mean().item() == pytest.approx(1.0, abs=1e-5)
     assert texture[:, :8].min() > 1.3 and texture[:, 9:].max() < 1e-5
-    assert torch.equal(fit_texture(torch.zeros(2, 4, 16, 64)), torch.ones(4, 16))  # no fine structure: flat
+    assert torch.equal(fit_texture(torch.zeros(2, 4, 16, 64)), torch.ones(4, 16, 1))  # no fine structure: flat
+    # time along the height (the AudioLDM layout): the same shape, along the width
+    assert torch.allclose(fit_texture(latents.transpose(-2, -1), "height"), texture.transpose(-2, -1), atol=1e-6)
 
     f = torch.randn(2, 32, 8)
     noise = torch.randn(2, 4, 16, 64, generator=torch.Generator().manual_seed(0))
@@ -79,7 +81,7 @@ def test_a_fitted_texture_shapes_the_noise_per_row(model):
     fitted = SamplingConfig(steps=5, texture_noise=0.3, texture_shape="fitted")
     shaped = sample(model, f, fitted, noise=noise, texture=texture)
     smooth = sample(model, f, SamplingConfig(steps=5, texture_shape="fitted"), noise=noise, texture=texture)
-    assert torch.allclose(shaped - smooth, (flat - smooth) * texture[:, :, None], atol=1e-3)
+    assert torch.allclose(shaped - smooth, (flat - smooth) * texture, atol=1e-3)
     assert torch.allclose(shaped[:, :, 9:], smooth[:, :, 9:], atol=1e-3)  # the smooth rows stay smooth
     with pytest.raises(ValueError, match="this model has no fitted texture"):
         sample(model, f, fitted, noise=noise)

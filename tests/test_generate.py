@@ -194,7 +194,7 @@ def test_the_core_shapes_the_texture_with_the_checkpoint_s(untrained_checkpoint)
     flat = core.latents(features, textured, seed=1)
     assert not torch.allclose(flat, core.latents(features, smooth, seed=1), atol=1e-2)
     core.ckpt = replace(core.ckpt, texture=torch.zeros(core.ckpt.model.config.in_channels,
-                                                       core.ckpt.model.config.input_size[0]))
+                                                       core.ckpt.model.config.input_size[0], 1))
     assert torch.equal(core.latents(features, textured, seed=1), flat)  # flat: the fitted shape is not used
     fitted = replace(textured, texture_shape="fitted")
     assert torch.allclose(core.latents(features, fitted, seed=1), core.latents(features, smooth, seed=1), atol=1e-4)

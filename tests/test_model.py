@@ -290,15 +290,16 @@ def test_the_checkpoint_carries_its_texture_shape_and_refuses_a_wrong_one(tmp_pa
     small = ModelSettings.from_params({"size": "T", "hidden_size": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1})
     ckpt = init_checkpoint(replace(Params(), model=small))
     channels, rows = ckpt.model.config.in_channels, ckpt.model.config.input_size[0]
-    save_checkpoint(ckpt, str(tmp_path / "flat"))
-    assert load_checkpoint(str(tmp_path / "flat")).texture is None  # as every checkpoint saved before the fit
-    texture = torch.rand(channels, rows) + 0.5
+    assert torch.equal(ckpt.texture, torch.ones(channels, rows, 1))  # no latents seen yet: flat
+    texture = torch.rand(channels, rows, 1) + 0.5
     save_checkpoint(replace(ckpt, texture=texture), str(tmp_path / "shaped"))
     assert torch.equal(load_checkpoint(str(tmp_path / "shaped")).texture, texture)
 
     config_path = tmp_path / "shaped" / "config.json"
     config = json.loads(config_path.read_text())
-    for bad in (texture[:, :-1].tolist(), (-texture).tolist(), "loud"):
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "texture"}))
+    assert load_checkpoint(str(tmp_path / "shaped")).texture is None  # as every checkpoint saved before the fit
+    for bad in (texture[:, :-1].tolist(), texture[..., 0].tolist(), (-texture).tolist(), "loud", {"a": 1}):
         config_path.write_text(json.dumps(dict(config, texture=bad)))
         with pytest.raises(CheckpointError, match="texture"):
             load_checkpoint(str(tmp_path / "shaped"))

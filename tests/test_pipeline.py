@@ -32,8 +32,10 @@ def test_the_trained_checkpoint_carries_the_texture_of_its_training_latents(ci_r
     from mdsgen.model.diffusion import fit_texture
 
     repo, _ = ci_repo
-    texture = load_checkpoint(str(repo / "models/mdsgen")).texture
-    assert torch.allclose(texture, fit_texture(load_latents(repo / "data/latents", "train")["latents"]))
+    ckpt = load_checkpoint(str(repo / "models/mdsgen"))
+    latents = load_latents(repo / "data/latents", "train")["latents"]
+    assert torch.allclose(ckpt.texture, fit_texture(latents, ckpt.model.config.time_axis))
+    assert not torch.equal(ckpt.texture, torch.ones_like(ckpt.texture))  # fitted, not init's flat
 
 
 @pytest.mark.reads_pipeline

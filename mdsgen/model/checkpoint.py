@@ -20,7 +20,7 @@ from mdsgen.base.errors import CheckpointError, describe
 from mdsgen.media.audio import AudioConfig
 from mdsgen.media.video import VideoConfig
 from mdsgen.media.vocoder import FINE_TUNED, load_vocoder_dir, save_generator
-from mdsgen.model.diffusion import SamplingConfig
+from mdsgen.model.diffusion import SamplingConfig, flat_texture
 from mdsgen.model.network import MDSGen, MDSGenConfig
 from mdsgen.model.vae import MelVAE, load_vae
 
@@ -37,7 +37,7 @@ class Checkpoint:
     video: VideoConfig = field(default_factory=VideoConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     vocoder: torch.nn.Module | None = None  # a fine-tuned HiFi-GAN generator; None: the stock weights
-    texture: torch.Tensor | None = None     # [C, H] per-row std of the texture noise (`fit_texture`); None: flat
+    texture: torch.Tensor | None = None     # the texture noise's std along frequency (`fit_texture`); None: flat
 
     def config(self) -> dict:
         config = {"format": FORMAT, "version": VERSION, "model": self.model.config.to_dict(),
@@ -108,14 +108,14 @@ def _texture(values, model_config: MDSGenConfig, uri: str) -> torch.Tensor | Non
     """config.json's texture shape (absent in checkpoints saved before it was fitted: flat noise)."""
     if values is None:
         return None
-    rows = (model_config.in_channels, model_config.input_size[0])
+    expected = tuple(flat_texture(model_config).shape)
     try:
         texture = torch.tensor(values, dtype=torch.float32)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{uri}: config.json's texture is not a table of numbers ({err})") from err
-    if tuple(texture.shape) != rows or not (texture.isfinite().all() and (texture >= 0).all()):
-        raise CheckpointError(f"{uri}: config.json's texture must be {rows[0]} x {rows[1]} non-negative numbers "
-                              f"(one per latent channel and row), got shape {tuple(texture.shape)}")
+    if tuple(texture.shape) != expected or not (texture.isfinite().all() and (texture >= 0).all()):
+        raise CheckpointError(f"{uri}: config.json's texture must be {' x '.join(map(str, expected))} non-negative "
+                              f"numbers (one per latent channel and frequency row), got shape {tuple(texture.shape)}")
     return texture
 
 
@@ -152,4 +152,4 @@ def init_checkpoint(params, seed: int = 0) -> Checkpoint:
     torch.manual_seed(seed)
     model = MDSGen(config_for(size, feature_dim=encoder.feature_dim, **model_args))
     return Checkpoint(model=model.eval(), vae=vae.eval(), frame_encoder=encoder.spec(), audio=params.audio,
-                      video=params.video, sampling=params.sampling)
+                      video=params.video, sampling=params.sampling, texture=flat_texture(model.config))

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from mdsgen.model.network import MDSGen
+from mdsgen.model.network import MDSGen, MDSGenConfig
 
 TRAIN_STEPS = 1000
 SOLVERS = ("dpmsolver++", "ddim")
@@ -34,7 +34,7 @@ class SamplingConfig:
     solver_order: int = 2
     solver: str = "dpmsolver++"    # or "ddim"
     texture_noise: float = 0.0     # std of the noise left in the sample (see `add_texture`); 0: none (the paper)
-    texture_shape: str = "flat"    # or "fitted": its std per latent row shaped like the training latents' (REPORT.md 5y)
+    texture_shape: str = "flat"    # or "fitted": its std along frequency shaped like the training latents' (REPORT.md 5y)
     cfg_min_t: int = 0             # guidance only at steps t >= this (a guidance interval); below, one conditional pass
 
     def __post_init__(self):
@@ -163,8 +163,8 @@ def sample(model: MDSGen, features: torch.Tensor, sampling: SamplingConfig = Sam
     """Latents [B, C, H, W] for frame features [B, T, F]; deterministic given the initial noise.
     `on_step(done, total)` is called after each solver step (progress for a user who waits).
 
-    `sampling.texture_noise` leaves noise in the sample (`add_texture`); with `texture_shape: fitted` its std per
-    latent row follows `texture` (the checkpoint's, fitted by `train`)."""
+    `sampling.texture_noise` leaves noise in the sample (`add_texture`); with `texture_shape: fitted` its std
+    along frequency follows `texture` (the checkpoint's, fitted by `train`)."""
     if sampling.texture_shape == "fitted" and texture is None:
         raise ValueError("texture_shape 'fitted': this model has no fitted texture (trained before `train` fitted "
                          "one); use texture_shape 'flat'")
@@ -193,23 +193,31 @@ def add_texture(x: torch.Tensor, noise: torch.Tensor, level: float, texture: tor
     of noisy sounds, the noise floor), which an x0 model trained on MSE returns as its mean, a smooth mel that
     a vocoder plays as a buzz (REPORT.md 5g). The noise is the window's own starting noise rolled by half the
     grid: still i.i.d. Gaussian, far from where each part of the sample grew from, and as seeded and
-    batch-independent as the rest. `texture` [C, H] (`fit_texture`, RMS 1) shapes its std per latent row as
-    the training latents' fine structure is shaped (REPORT.md 5y); None: the same std in every row."""
+    batch-independent as the rest. `texture` (`fit_texture`, RMS 1) shapes its std along the frequency axis as
+    the training latents' fine structure is shaped (REPORT.md 5y); None: the same std everywhere."""
     if not level:
         return x
     start = noise.to(x.device, x.dtype).roll((noise.shape[-2] // 2, noise.shape[-1] // 2), dims=(-2, -1))
     if texture is not None:
-        start = start * texture.to(x.device, x.dtype)[:, :, None]
+        start = start * texture.to(x.device, x.dtype)
     return x + level * start
 
 
-def fit_texture(latents: torch.Tensor) -> torch.Tensor:
-    """The per-row shape [C, H] of the training latents' fine structure: the std of each row's residual from its
-    3 x 5 neighbourhood mean, scaled to RMS 1 (so `texture_noise` stays the overall std). On the demo's mels
-    the top mel bins, which are smooth, get half the noise of the low ones."""
+def flat_texture(config: MDSGenConfig) -> torch.Tensor:
+    """The texture of a model that has seen no latents: ones, [C, H, 1] with time along W, [C, 1, W] along H."""
+    channels, (height, width) = config.in_channels, config.input_size
+    return torch.ones(channels, height, 1) if config.time_axis == "width" else torch.ones(channels, 1, width)
+
+
+def fit_texture(latents: torch.Tensor, time_axis: str = "width") -> torch.Tensor:
+    """The shape along frequency of the training latents' fine structure ([C, H, 1] with time along W, [C, 1, W]
+    along H): the std, over clips and time, of the residual from a mean over 3 bins x 5 frames, scaled to RMS 1
+    (so `texture_noise` stays the overall std). On the demo's mels the smooth top bins get half the low ones'."""
     x = latents.float()
-    local_mean = torch.nn.functional.avg_pool2d(x, (3, 5), stride=1, padding=(1, 2), count_include_pad=False)
-    spread = (x - local_mean).std(dim=(0, 3))
+    kernel, time_dim = ((3, 5), 3) if time_axis == "width" else ((5, 3), 2)
+    local_mean = torch.nn.functional.avg_pool2d(x, kernel, stride=1, padding=(kernel[0] // 2, kernel[1] // 2),
+                                                count_include_pad=False)
+    spread = (x - local_mean).std(dim=(0, time_dim), keepdim=True)[0]
     rms = spread.square().mean().sqrt()
     return spread / rms if rms > 0 else torch.ones_like(spread)
 

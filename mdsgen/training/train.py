@@ -341,7 +341,8 @@ def train(params, latents_dir, vae_dir, out, state_dir, device: str = "auto",
     data = load_latents(latents_dir, "train")
     val = load_latents(latents_dir, "val") if (Path(latents_dir) / "val.safetensors").is_file() else None
     params = replace(params, vae=replace(params.vae, path=str(vae_dir)))
-    ckpt = replace(init_checkpoint(params, seed=cfg.seed), texture=fit_texture(data["latents"]))
+    ckpt = init_checkpoint(params, seed=cfg.seed)
+    ckpt = replace(ckpt, texture=fit_texture(data["latents"], ckpt.model.config.time_axis))
     if vocoder_dir is not None:
         if not Path(vocoder_dir).is_dir():
             raise ValueError(f"{vocoder_dir}: no train-vocoder folder there (run `mdsgen train-vocoder`)")
