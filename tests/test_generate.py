@@ -180,7 +180,7 @@ def test_windows_do_not_depend_on_batching(video_20s, untrained_checkpoint):
     assert a.shape == (3, 4, 16, 64) and np.allclose(a, b, atol=1e-3)
 
 
-def test_the_core_shapes_the_texture_with_the_checkpoint_s(untrained_checkpoint):
+def test_the_core_shapes_the_texture_with_the_checkpoint_texture_only_when_asked(untrained_checkpoint):
     from dataclasses import replace
 
     import torch
