@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procs import BIN, ROOT, free_port, run, stop_group, wait_http  # noqa: E402
+from procs import BIN, ROOT, free_port, run, stop_group, stop_group_of_pid, wait_http  # noqa: E402
 # xdist workers split the cores, and so do the servers and stages they start (OMP_NUM_THREADS): two workers at 2
 # threads on 2 cores took test_learning 3x as long, and a worker at 1 thread against a server at 2 broke
 # test_serving's same-seed equalities (1e-4), which hold at one thread count
@@ -88,7 +88,7 @@ def pytest_sessionfinish(session):
         return
     pid_file = factory.getbasetemp() / "mlflow" / "pid"
     if pid_file.exists():
-        stop_group(int(pid_file.read_text()))
+        stop_group_of_pid(int(pid_file.read_text()))
 
 
 def pytest_collection_finish(session):

@@ -40,35 +40,44 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None
     raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
-def stop_group(process: subprocess.Popen | int) -> None:
-    """Stop a server started with start_new_session=True, workers included (a Popen, or the pid of one
-    another process started)."""
-    pid = process if isinstance(process, int) else process.pid
+def _end_group(pid: int, alive) -> None:
+    """SIGTERM to the process group led by `pid`; SIGKILL if `alive()` still holds 20 s later."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if not isinstance(process, int):
-            if process.poll() is not None:
-                return
-        else:
-            try:
-                os.waitpid(pid, os.WNOHANG)  # reaps it where it is this process's child
-            except ChildProcessError:
-                pass
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return
+        if not alive():
+            return
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
-        return
-    if not isinstance(process, int):
-        process.wait()
+        pass
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a server this process started with start_new_session=True, workers included."""
+    _end_group(process.pid, lambda: process.poll() is None)
+    process.wait()
+
+
+def stop_group_of_pid(pid: int) -> None:
+    """Stop a server another process started with start_new_session=True (its pid read from a file): it is
+    gone when its process group is."""
+    def alive() -> bool:
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reaps it where it is this process's child
+        except ChildProcessError:
+            pass
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    _end_group(pid, alive)
 
 
 def digests(folder: Path) -> dict:
